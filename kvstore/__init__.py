@@ -1,0 +1,25 @@
+"""ragkv's store: chunk-KV data model, container format, tiers and the TieredStore. Imported as ``ragkv.kvstore``."""
+from __future__ import annotations
+
+if not __name__.startswith("ragkv."):
+    raise ImportError("import this package as ragkv.kvstore, not as a bare 'kvstore' (see DESIGN.md)")
+
+from ragkv.kvstore.chunk import (
+    DEFAULT_NAMESPACE,
+    SHARED_NAMESPACE,
+    ChunkKV,
+    ChunkMeta,
+    ModelFingerprint,
+    check_key,
+    chunk_key,
+    key_namespace,
+)
+from ragkv.kvstore.container import decode_entry, encode_entry, read_header
+from ragkv.kvstore.errors import ConfigError, CorruptEntry, ModelMismatch, RagKVError, TierUnavailable
+from ragkv.kvstore.tiers import Tier, TierConfig
+
+__all__ = [
+    "DEFAULT_NAMESPACE", "SHARED_NAMESPACE", "ChunkKV", "ChunkMeta", "ModelFingerprint", "check_key", "chunk_key",
+    "key_namespace", "decode_entry", "encode_entry", "read_header", "ConfigError", "CorruptEntry", "ModelMismatch",
+    "RagKVError", "TierUnavailable", "Tier", "TierConfig",
+]

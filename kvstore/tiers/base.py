@@ -1,0 +1,202 @@
+"""The small base every tier derives from, its config base, and the tier registry.
+
+A tier maps store keys (``"<namespace>:<name>"``) to chunks. Fast tiers (host, device) hold decoded
+tensors; slow tiers (disk, redis) hold encoded container blobs with the codec they are configured with.
+Every tier speaks both: ``get``/``put`` with ``ChunkKV`` and ``get_blob``/``put_blob`` with container
+blobs, so the store can move a blob between slow tiers without decoding it. A miss is ``None``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+
+from ragkv.codecs import Codec, CodecError, get_codec
+from ragkv.kvstore.chunk import ChunkKV, check_key
+from ragkv.kvstore.container import decode_entry, encode_entry
+from ragkv.kvstore.errors import ConfigError, CorruptEntry
+from ragkv.kvstore.stats import TierStats
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'4GB' -> 4_000_000_000, '512MiB' -> 536870912, 1024 -> 1024, None/'' -> None (unbounded)."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ConfigError(f"size must be >= 0, got {text}")
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    if unit not in _UNITS:
+        raise ConfigError(f"invalid size {text!r}; use a number with one of {sorted(u for u in _UNITS if u)}")
+    try:
+        value = float(num)
+    except ValueError:
+        raise ConfigError(f"invalid size {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"size must be >= 0, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Fields every tier config shares. Subclasses add their own and validate in ``__post_init__``."""
+
+    capacity_bytes: int | None = None  # None = unbounded
+    eviction: str = "lru"
+    codec: str = "raw"
+    codec_params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.capacity_bytes is not None and self.capacity_bytes < 0:
+            raise ConfigError(f"capacity_bytes must be >= 0 or None, got {self.capacity_bytes}")
+        from ragkv.kvstore.policy import POLICIES
+
+        if self.eviction not in POLICIES:
+            raise ConfigError(f"unknown eviction policy {self.eviction!r}; allowed: {sorted(POLICIES)}")
+        try:
+            get_codec(self.codec, dict(self.codec_params))
+        except CodecError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+class Tier:
+    """Base tier: subclasses implement the single-key operations; batched ones loop by default."""
+
+    kind: ClassVar[str] = ""
+    config_class: ClassVar[type[TierConfig]] = TierConfig
+    holds_encoded: ClassVar[bool] = False
+
+    def __init__(self, config: TierConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"tier {self.kind!r} takes {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.codec: Codec = get_codec(config.codec, dict(config.codec_params))
+        self.stats = TierStats()
+        self._pinned: set[str] = set()
+        self._lock = threading.RLock()
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    # -- single-key operations (subclasses) ------------------------------------------------------------
+    def get(self, key: str) -> ChunkKV | None:
+        raise NotImplementedError
+
+    def put(self, key: str, chunk: ChunkKV, ttl_s: float | None = None) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def contains(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def keys(self, namespace: str | None = None) -> Iterator[str]:
+        raise NotImplementedError
+
+    def used_bytes(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- blobs: slow tiers override; fast tiers encode/decode on the way ----------------------------------
+    def get_blob(self, key: str) -> bytes | None:
+        chunk = self.get(key)
+        return None if chunk is None else encode_entry(chunk, self.codec)
+
+    def put_blob(self, key: str, blob: bytes, ttl_s: float | None = None) -> None:
+        """Store a container blob. Raises ``CorruptEntry`` if it does not validate."""
+        _, chunk = decode_entry(blob)
+        self.put(key, chunk, ttl_s=ttl_s)
+
+    # -- pinning: pinned keys are never evicted ---------------------------------------------------------------
+    def pin(self, key: str) -> None:
+        with self._lock:
+            self._pinned.add(check_key(key))
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            self._pinned.discard(key)
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self._pinned
+
+    # -- batched operations (loop by default) -----------------------------------------------------------------
+    def get_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
+        return [self.get(k) for k in keys]
+
+    def put_many(self, items: Iterable[tuple[str, ChunkKV]], ttl_s: float | None = None) -> None:
+        for k, c in items:
+            self.put(k, c, ttl_s=ttl_s)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        return sum(1 for k in keys if self.delete(k))
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        return [self.contains(k) for k in keys]
+
+    # -- misc --------------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tier": self.kind,
+            "codec": self.codec.name,
+            "capacity_bytes": self.config.capacity_bytes,
+            "used_bytes": self.used_bytes(),
+            **self.stats.snapshot(),
+        }
+
+    def __enter__(self) -> "Tier":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def expiry_time(ttl_s: float | None) -> float | None:
+    if ttl_s is None:
+        return None
+    if ttl_s <= 0:
+        raise ConfigError(f"ttl_s must be > 0, got {ttl_s}")
+    return time.time() + ttl_s
+
+
+_TIERS: dict[str, type[Tier]] = {}
+
+
+def register_tier(cls: type[Tier]) -> type[Tier]:
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} has no kind")
+    _TIERS[cls.kind] = cls
+    return cls
+
+
+def tier_kinds() -> list[str]:
+    return sorted(_TIERS)
+
+
+def make_tier(config: TierConfig) -> Tier:
+    """Build the tier whose config class ``config`` is."""
+    for cls in _TIERS.values():
+        if type(config) is cls.config_class:
+            return cls(config)
+    raise ConfigError(f"no tier takes {type(config).__name__}; tiers: {tier_kinds()}")
+
+
+def tier_class(kind: str) -> type[Tier]:
+    try:
+        return _TIERS[kind]
+    except KeyError:
+        raise ConfigError(f"unknown tier {kind!r}; allowed: {tier_kinds()}") from None
+
+
+__all__ = ["Tier", "TierConfig", "register_tier", "make_tier", "tier_class", "tier_kinds", "parse_size",
+           "expiry_time", "CorruptEntry"]
