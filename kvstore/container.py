@@ -148,3 +148,16 @@ def decode_entry_layers(blob: bytes | bytearray | memoryview, layers: list[int])
     except CodecError as exc:
         raise CorruptEntry(f"payload does not decode with codec {header.codec!r}: {exc}") from exc
     return header, kv
+
+
+def with_expiry(blob: bytes | bytearray | memoryview, expires_at: float | None) -> bytes:
+    """Return ``blob`` with its header's ``expires_at`` replaced (validates first; the payload is copied once)."""
+    hdr, payload = _split(blob)
+    d = json.loads(bytes(hdr))
+    if d.get("expires_at") == expires_at:
+        return bytes(blob)
+    d["expires_at"] = expires_at
+    new_hdr = json.dumps(d, separators=(",", ":")).encode()
+    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(new_hdr), len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(new_hdr, zlib.crc32(prefix)))
+    return b"".join((prefix, new_hdr, payload, _CRC.pack(crc)))

@@ -1,0 +1,1 @@
+"""Redis server fixtures (being written)."""
