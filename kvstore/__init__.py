@@ -16,10 +16,20 @@ from ragkv.kvstore.chunk import (
 )
 from ragkv.kvstore.container import decode_entry, encode_entry, read_header
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, ModelMismatch, RagKVError, TierUnavailable
-from ragkv.kvstore.tiers import Tier, TierConfig
+from ragkv.kvstore.tiers import (
+    DeviceConfig,
+    DiskConfig,
+    HostConfig,
+    RedisConfig,
+    Tier,
+    TierConfig,
+)
+from ragkv.kvstore.config import StoreConfig, default_config, load_config, parse_spec
+from ragkv.kvstore.store import TieredStore, open_store
 
 __all__ = [
     "DEFAULT_NAMESPACE", "SHARED_NAMESPACE", "ChunkKV", "ChunkMeta", "ModelFingerprint", "check_key", "chunk_key",
     "key_namespace", "decode_entry", "encode_entry", "read_header", "ConfigError", "CorruptEntry", "ModelMismatch",
-    "RagKVError", "TierUnavailable", "Tier", "TierConfig",
+    "RagKVError", "TierUnavailable", "Tier", "TierConfig", "HostConfig", "DeviceConfig", "DiskConfig", "RedisConfig",
+    "StoreConfig", "default_config", "load_config", "parse_spec", "TieredStore", "open_store",
 ]

@@ -93,6 +93,12 @@ class MemoryTier(Tier):
             self._drop(victim)
             self.stats.add(evictions=1)
 
+    def expiry(self, key: str) -> float | None:
+        """When ``key`` expires (epoch seconds), for promotion into other tiers; None if never or absent."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.expires_at
+
     def delete(self, key: str) -> bool:
         check_key(key)
         with self._lock:
