@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+from typing import Sequence
+
 import numpy as np
 import torch
 
-from ragkv.codecs.base import Codec, CodecError, CodecParams, register_codec
+from ragkv.codecs.base import Codec, CodecError, CodecParams, check_shape, register_codec
 
 
 @dataclass(frozen=True)
@@ -32,3 +35,21 @@ class RawCodec(Codec):
             return
         # numpy copy: no intermediate tensor over a read-only buffer
         out.view(torch.uint8).view(-1).numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+
+    def decode(self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Zero-copy: the whole tensor is a view over the payload (which it keeps alive).
+
+        The payload is the caller's own buffer (a file read or a Redis reply nobody else holds), so viewing
+        it in place is safe and saves the copy into a fresh tensor, which costs page faults at ~1.5 GB/s.
+        """
+        num_layers = check_shape(shape)[0]
+        views = self._layer_views(payload, num_layers)
+        layer_bytes = int(np.prod(shape[1:])) * torch.empty((), dtype=dtype).element_size()
+        if any(len(v) != layer_bytes for v in views):
+            raise CodecError(f"raw payload layers are not {layer_bytes} bytes each")
+        body = memoryview(payload)[8 * (num_layers + 1):]
+        if len(body) == 0:
+            return torch.empty(tuple(shape), dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we are their only holder
+            return torch.frombuffer(body, dtype=dtype).view(tuple(shape))

@@ -62,10 +62,24 @@ def encode_entry(chunk: ChunkKV, codec: Codec, expires_at: float | None = None) 
         "meta": chunk.meta.to_dict(),
         "expires_at": expires_at,
     }
-    hdr = json.dumps(header, separators=(",", ":")).encode()
+    hdr = _aligned_header(header)
     prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(hdr), len(payload))
     crc = zlib.crc32(payload, zlib.crc32(hdr, zlib.crc32(prefix)))
     return b"".join((prefix, hdr, payload, _CRC.pack(crc)))
+
+
+PAYLOAD_ALIGNMENT = 64
+
+
+def _aligned_header(header: dict[str, Any]) -> bytes:
+    """JSON header padded with spaces so the payload starts on a 64-byte boundary of the blob.
+
+    Codec payloads begin with an 8-byte-per-entry layer table, so the tensor bytes of a ``raw`` payload land
+    8-byte aligned and can be viewed in place (zero-copy) instead of copied into a fresh tensor.
+    """
+    hdr = json.dumps(header, separators=(",", ":")).encode()
+    pad = -(_PREFIX.size + len(hdr)) % PAYLOAD_ALIGNMENT
+    return hdr + b" " * pad
 
 
 def _split(blob: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview]:
@@ -157,7 +171,7 @@ def with_expiry(blob: bytes | bytearray | memoryview, expires_at: float | None) 
     if d.get("expires_at") == expires_at:
         return bytes(blob)
     d["expires_at"] = expires_at
-    new_hdr = json.dumps(d, separators=(",", ":")).encode()
+    new_hdr = _aligned_header(d)
     prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(new_hdr), len(payload))
     crc = zlib.crc32(payload, zlib.crc32(new_hdr, zlib.crc32(prefix)))
     return b"".join((prefix, new_hdr, payload, _CRC.pack(crc)))
