@@ -12,12 +12,12 @@ D head dim, L layers. Per-sequence KV is ``[L, 2, B, H, N, D]``; one chunk's sto
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from ragkv.codecs.base import DTYPE_NAMES
 from ragkv.kvstore.chunk import ModelFingerprint
 from ragkv.kvstore.errors import ConfigError
@@ -289,4 +289,4 @@ class ModelAdapter:
                 "fingerprint": str(self.fingerprint)}
 
 
-__all__ = ["ModelAdapter", "PrefillOutput", "exact_causal_mask", "repeat_kv", "RopeTables"]
+__all__ = ["ModelAdapter", "PrefillOutput", "RopeTables", "exact_causal_mask", "repeat_kv"]

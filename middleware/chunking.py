@@ -8,11 +8,11 @@ start token's KV is dropped, so the stored KV begins at ``position = 1``. Chunks
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
-
 from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, ChunkKV, ChunkMeta, check_namespace, chunk_key
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.adapter import ModelAdapter
@@ -127,4 +127,4 @@ class ChunkCacher:
         return report
 
 
-__all__ = ["ChunkCacher", "ChunkingConfig", "WarmReport", "CHUNK_POSITION"]
+__all__ = ["CHUNK_POSITION", "ChunkCacher", "ChunkingConfig", "WarmReport"]

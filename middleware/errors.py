@@ -20,4 +20,4 @@ class ContextTooLong(ConfigError):
     """The assembled prompt (plus generation) exceeds what the adapter can compute exactly for this model."""
 
 
-__all__ = ["UnsupportedModel", "ContextTooLong"]
+__all__ = ["ContextTooLong", "UnsupportedModel"]

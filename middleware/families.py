@@ -20,8 +20,9 @@ generation that would exceed it raises ``ContextTooLong``. Everything else is re
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ragkv.middleware.errors import UnsupportedModel
 
@@ -133,5 +134,12 @@ def check_model_modules(model: Any) -> None:
                 raise UnsupportedModel(f"layer {i} has no {n}; " + supported_summary())
 
 
-__all__ = ["FamilySpec", "FAMILIES", "SUPPORTED_ROPE_TYPES", "ModelCheck", "check_config", "check_model_modules",
-           "supported_summary"]
+__all__ = [
+    "FAMILIES",
+    "SUPPORTED_ROPE_TYPES",
+    "FamilySpec",
+    "ModelCheck",
+    "check_config",
+    "check_model_modules",
+    "supported_summary",
+]

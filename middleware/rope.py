@@ -57,4 +57,4 @@ def rotate_keys(kv: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.T
     return out
 
 
-__all__ = ["rotate_half", "apply_rope", "delta_cos_sin", "rotate_key_tensor", "rotate_keys"]
+__all__ = ["apply_rope", "delta_cos_sin", "rotate_half", "rotate_key_tensor", "rotate_keys"]

@@ -6,7 +6,8 @@ gives O(1) logits (transformers' default init makes every logit nearly zero, whi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -76,10 +77,11 @@ def build_model(family: str = "llama", *, seed: int = 0, layers: int = 3, dtype:
 
     spec = dict(FAMILY_CONFIGS[family])
     cls_name = spec.pop("cls")
-    kwargs: dict[str, Any] = dict(vocab_size=len(SPECIALS) + VOCAB_WORDS, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                                  pad_token_id=3)
+    kwargs: dict[str, Any] = {
+        "vocab_size": len(SPECIALS) + VOCAB_WORDS, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 1024, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+    }
     kwargs.update(spec)
     kwargs.update(overrides)
     config = getattr(transformers, cls_name)(**kwargs)
@@ -109,3 +111,21 @@ def words(start: int, n: int) -> str:
 @pytest.fixture(scope="session")
 def make_words() -> Callable[[int, int], str]:
     return words
+
+
+
+@pytest.fixture()
+def host_engine(word_tokenizer: Any) -> Any:
+    """A fresh engine over a 4-layer Llama and an empty host tier."""
+    from ragkv.kvstore.tiers import HostConfig, HostTier
+    from ragkv.middleware.adapter import ModelAdapter
+    from ragkv.middleware.engine import ContextEngine
+
+    return ContextEngine(ModelAdapter(build_model("llama", seed=1, layers=4), word_tokenizer), HostTier(HostConfig()))
+
+
+@pytest.fixture()
+def rag_request() -> Any:
+    from ragkv.middleware.context import PrepareRequest
+
+    return PrepareRequest(query=words(1, 5), chunks=[words(10, 12), words(30, 9), words(50, 14)], system=words(90, 4))

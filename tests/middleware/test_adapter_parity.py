@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ragkv.middleware.adapter import ModelAdapter, exact_causal_mask
 
 FAMILIES = ["llama", "llama_untied_llama3rope", "qwen2", "qwen3", "mistral"]
@@ -49,7 +48,7 @@ def test_selected_rows_with_exact_mask_match_full(model_factory, word_tokenizer)
     positions = torch.arange(25)
     for layer in range(adapter.num_layers):
         hidden_in = ref.hidden_states[layer][:, rows]
-        q, k, v = adapter.project(layer, hidden_in, adapter.rope(positions[rows]))
+        q, k, _v = adapter.project(layer, hidden_in, adapter.rope(positions[rows]))
         cache = ref.past_key_values.layers[layer]
         assert torch.allclose(k, cache.keys[:, :, rows], atol=1e-5)
         out = adapter.attend(layer, hidden_in, q, cache.keys, cache.values,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from ragkv.kvstore.tiers import HostConfig, HostTier
 from ragkv.middleware.chunking import ChunkCacher, ChunkingConfig
 

@@ -1,0 +1,108 @@
+"""``blend``: CacheBlend selective recompute over re-rotated cached chunks.
+
+Layer 0 is computed in full for every chunk and query row (its K/V is exact anyway; its output feeds the
+check layers). At each check layer (default layers 1 and 2) the fresh K (or V, ``deviation="value"``) of the
+still-active chunk rows is compared with their cached, re-rotated K (V) and only the highest-deviation rows
+stay active (gradual filtering: by default ``2 * ratio`` after the first check layer, narrowing linearly to
+``ratio`` at the last). The query rows, and chunks recomputed from text (``auto``), are always active.
+Selected rows are recomputed in the remaining layers and their K/V scattered into the cache; attention
+uses the exact causal mask.
+
+Why layers 1 and 2 by default: a study on a small trained model (docs/ALGORITHMS.md §2) found selection
+at layer 1 no better than random, while K deviation read at layer 2 ranked the broken tokens at the top.
+``selector="random"`` is the control for such studies; any object with ``select(deviation, count, layer)``
+plugs in.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.assembly import CHUNK, QUERY
+from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
+from ragkv.middleware.selective import (
+    DEVIATIONS,
+    SELECTORS,
+    Selector,
+    check_schedule,
+    make_selector,
+)
+from ragkv.middleware.strategies import CachedChunksStrategy, register_strategy
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    ratio: float = 0.15  # fraction of cached chunk tokens recomputed in the deep layers
+    check_layers: tuple[int, ...] = (1, 2)
+    schedule: tuple[float, ...] | None = None  # fraction kept after each check layer (default: 2r -> r)
+    deviation: str = "key"  # "key" (LMCache) or "value" (the original repository)
+    selector: Any = "deviation"  # "deviation", "random", or a Selector instance
+    seed: int = 0  # for the random control
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError(f"ratio must be in [0, 1], got {self.ratio}")
+        if not self.check_layers or any(int(x) < 0 for x in self.check_layers):
+            raise ConfigError(f"check_layers must be non-empty layer indices >= 0, got {self.check_layers}")
+        if self.deviation not in DEVIATIONS:
+            raise ConfigError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if isinstance(self.selector, str) and self.selector not in SELECTORS:
+            raise ConfigError(f"unknown selector {self.selector!r}; allowed: {sorted(SELECTORS)} or a Selector")
+        if self.schedule is not None:
+            if len(self.schedule) != len(self.check_layers):
+                raise ConfigError(f"schedule needs one fraction per check layer ({len(self.check_layers)})")
+            if any(not 0.0 <= f <= 1.0 for f in self.schedule):
+                raise ConfigError(f"schedule fractions must be in [0, 1], got {self.schedule}")
+
+
+@register_strategy
+class BlendStrategy(CachedChunksStrategy):
+    name = "blend"
+    config_class = BlendConfig
+
+    def __init__(self, engine: Any, config: Any = None) -> None:
+        super().__init__(engine, config)
+        c = self.config
+        self.selector: Selector = make_selector(c.selector, c.seed) if isinstance(c.selector, str) else c.selector
+
+    def prepare(self, request: PrepareRequest) -> PreparedContext:
+        return self.blend(request, self.config.ratio)
+
+    def blend(self, request: PrepareRequest, ratio: float, text_chunks: Iterable[int] = (),
+              sources: dict[int, str] | None = None, details: dict[str, Any] | None = None) -> PreparedContext:
+        """Blend at ``ratio``; chunks in ``text_chunks`` are recomputed from their tokens in context (all rows,
+        all layers) instead of being loaded; ``sources`` pins the tier each loaded chunk is read from."""
+        text_chunks = set(text_chunks)
+        prompt, feed, infos, prefix_hit, timings = self._gather(request, skip=text_chunks, sources=sources)
+        always = prompt.rows([QUERY])
+        if text_chunks:
+            text_rows = prompt.rows([CHUNK], chunk_indices=sorted(text_chunks))
+            always = torch.unique(torch.cat((text_rows, always)))
+        loaded_indices = [s.index for s in prompt.chunks if s.index not in text_chunks]
+        candidates = prompt.rows([CHUNK], chunk_indices=loaded_indices)
+        checks = check_schedule(ratio, tuple(self.config.check_layers), self.config.schedule,
+                                int(candidates.numel()), self.adapter.num_layers)
+        out, timings["compute"] = self._run(prompt, feed, always=always, candidates=candidates, checks=checks,
+                                            selector=self.selector, deviation=self.config.deviation)
+        final = out.final_rows if out.final_rows is not None else torch.zeros(0, dtype=torch.long)
+        by_index = {s.index: s for s in prompt.chunks}
+        for info in infos:
+            s = by_index[info.index]
+            info.recomputed_tokens = int(((final >= s.start) & (final < s.end)).sum())
+        for s in prompt.chunks:
+            if s.index in text_chunks:
+                infos.append(ChunkInfo(index=s.index, key=s.key or "", num_tokens=s.length, position=s.start,
+                                       hit=False, source="text", recomputed_tokens=s.length))
+        infos.sort(key=lambda i: i.position)
+        info = dict(details or {})
+        info.update({"ratio": ratio, "checks": [(c.layer, c.keep) for c in checks],
+                     "selections": {layer: rows.tolist() for layer, rows in out.selections.items()},
+                     "rows_per_layer": out.rows_per_layer, "selector": self.selector.name,
+                     "deviation": self.config.deviation})
+        return self._finish(prompt, out, infos, prefix_hit, feed, timings, info)
+
+
+__all__ = ["BlendConfig", "BlendStrategy"]

@@ -1,0 +1,89 @@
+"""Request and result dataclasses at the middleware boundary: ``PrepareRequest -> PreparedContext``."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, check_namespace
+from ragkv.kvstore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """A RAG prompt: optional system prefix, retrieved chunks, and the query, as texts or token ids.
+
+    ``chunk_scores`` (one per chunk, higher = more relevant, e.g. the retriever's) are used by ``compress``'s
+    chunk-level mode. ``store_misses``: chunks missing from the store are computed, stored and used.
+    """
+
+    query: str | Sequence[int]
+    chunks: Sequence[str | Sequence[int]] = ()
+    system: str | Sequence[int] | None = None
+    namespace: str = DEFAULT_NAMESPACE
+    chunk_scores: Sequence[float] | None = None
+    store_misses: bool = True
+
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+        if isinstance(self.chunks, str):
+            raise ConfigError("chunks must be a sequence of texts or token-id lists, not one string")
+        if self.chunk_scores is not None and len(self.chunk_scores) != len(self.chunks):
+            raise ConfigError(f"{len(self.chunk_scores)} chunk_scores for {len(self.chunks)} chunks")
+
+
+@dataclass
+class ChunkInfo:
+    """What happened to one chunk of the request."""
+
+    index: int
+    key: str
+    num_tokens: int
+    position: int  # absolute position of its first token in the assembled prompt
+    hit: bool  # served from the store (or from an exact prefix entry)
+    tier: str | None = None  # tier it was read from; None when computed
+    codec: str | None = None  # codec of the entry read ("decoded" for tensors held by fast tiers)
+    source: str = "store"  # "store" | "computed" (miss, computed alone and stored) | "prefix" | "text" | "dropped"
+    recomputed_tokens: int = 0  # rows of this chunk recomputed in the deepest layers (blend)
+    kept_tokens: int | None = None  # rows kept in the cache (compress); None = all
+    load_seconds: float = 0.0
+    stored: bool = False  # a miss that was written back to the store
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PreparedContext:
+    """A ready transformers ``DynamicCache`` of the whole prompt plus the last prompt token's logits.
+
+    ``next_position`` is the position of the first generated token; it can exceed the cache length when
+    ``compress`` pruned tokens (positions keep their gaps, as in SnapKV).
+    """
+
+    cache: Any
+    logits: torch.Tensor  # [V] float32
+    input_ids: list[int]
+    next_position: int
+    chunks: list[ChunkInfo]
+    strategy: str
+    prefix_hit: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cache_length(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    @property
+    def hits(self) -> int:
+        return sum(1 for c in self.chunks if c.hit)
+
+    def summary(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "prompt_tokens": len(self.input_ids), "cache_tokens": self.cache_length,
+                "prefix_hit": self.prefix_hit, "chunks": [c.to_dict() for c in self.chunks],
+                "timings": dict(self.timings)}
+
+
+__all__ = ["ChunkInfo", "PrepareRequest", "PreparedContext"]

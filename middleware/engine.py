@@ -1,0 +1,194 @@
+"""``ContextEngine``: one model adapter + one store, and the shared pieces every strategy uses.
+
+    engine = ContextEngine(ModelAdapter(model, tokenizer), store)
+    engine.warm(corpus_texts)                                   # precompute chunk KV, one call
+    ctx = engine.prepare(PrepareRequest(query, chunks, system), strategy="blend")
+    result = engine.generate(ctx, GenerationConfig(max_new_tokens=64))
+
+The engine tokenizes and assembles prompts, serves the exact prefix (start token + system prefix) from a
+bounded ``PrefixCache``, loads cached chunks (layer-wise pipelined from slow tiers), and computes misses
+alone behind the start token, stores them and uses them (the next request hits).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, ChunkKV, check_namespace
+from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.adapter import ModelAdapter
+from ragkv.middleware.assembly import AssembledPrompt, assemble
+from ragkv.middleware.chunking import ChunkCacher, ChunkingConfig, WarmReport
+from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
+from ragkv.middleware.costs import CostModel
+from ragkv.middleware.loading import ChunkLoader, LoadedChunk
+from ragkv.middleware.prefix_cache import PrefixCache, PrefixCacheConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
+    pipelined_loading: bool = True  # decode slow-tier chunks layer by layer while computing
+    promote_after_load: bool = True  # put chunks read from a slow tier into the faster decoded tiers
+    default_strategy: str = "blend"
+
+
+class ContextEngine:
+    def __init__(self, adapter: ModelAdapter, store: Any, config: EngineConfig = EngineConfig()) -> None:
+        self.adapter = adapter
+        self.store = store
+        self.config = config
+        self.cacher = ChunkCacher(adapter, store, config.chunking)
+        self.loader = ChunkLoader(adapter, store, promote=config.promote_after_load)
+        self.prefix_cache = PrefixCache(config.prefix_cache)
+        self.costs = CostModel()
+        self._strategies: dict[str, Any] = {}
+
+    # -- public API --------------------------------------------------------------------------------------------
+    def strategy(self, strategy: Any = None, config: Any = None) -> Any:
+        """A strategy by name (one instance per name and engine) or a ready instance."""
+        from ragkv.middleware.strategies import Strategy, make_strategy
+
+        if isinstance(strategy, Strategy):
+            return strategy
+        name = strategy or self.config.default_strategy
+        if config is not None:
+            return make_strategy(name, self, config)
+        if name not in self._strategies:
+            self._strategies[name] = make_strategy(name, self)
+        return self._strategies[name]
+
+    def prepare(self, request: PrepareRequest, strategy: Any = None) -> PreparedContext:
+        start = time.perf_counter()
+        prepared = self.strategy(strategy).prepare(request)
+        prepared.timings["total"] = time.perf_counter() - start
+        return prepared
+
+    def warm(self, chunks: Iterable[str | Sequence[int]], namespace: str = DEFAULT_NAMESPACE, **kwargs: Any
+             ) -> WarmReport:
+        report = self.cacher.warm(chunks, namespace=namespace, **kwargs)
+        if report.tokens_computed:
+            self.costs.observe_compute(report.tokens_computed * self.adapter.num_layers, report.seconds)
+        return report
+
+    def generate(self, request: PrepareRequest | PreparedContext, config: Any = None, strategy: Any = None,
+                 on_token: Any = None) -> Any:
+        from ragkv.middleware.generation import GenerationConfig, generate
+
+        prepared = request if isinstance(request, PreparedContext) else self.prepare(request, strategy)
+        return generate(self.adapter, prepared, config or GenerationConfig(), on_token=on_token)
+
+    def stream(self, request: PrepareRequest | PreparedContext, config: Any = None, strategy: Any = None
+               ) -> Iterator[str]:
+        from ragkv.middleware.generation import GenerationConfig, stream
+
+        prepared = request if isinstance(request, PreparedContext) else self.prepare(request, strategy)
+        return stream(self.adapter, prepared, config or GenerationConfig())
+
+    # -- shared steps ------------------------------------------------------------------------------------------
+    def tokens(self, piece: str | Sequence[int] | None) -> list[int]:
+        if piece is None:
+            return []
+        return self.adapter.encode(piece) if isinstance(piece, str) else [int(t) for t in piece]
+
+    def assemble(self, request: PrepareRequest, chunk_indices: Sequence[int] | None = None) -> AssembledPrompt:
+        """Tokenize each piece alone and lay the prompt out (``chunk_indices``: keep only these chunks)."""
+        check_namespace(request.namespace)
+        prefix = [self.adapter.start_token_id] + self.tokens(request.system)
+        indices = range(len(request.chunks)) if chunk_indices is None else chunk_indices
+        chunk_ids = [self.cacher.tokens(request.chunks[i]) for i in indices]
+        keys = [self.cacher.key(ids, request.namespace) for ids in chunk_ids]
+        query = self.tokens(request.query)
+        if not query:
+            raise ConfigError("the query must contain at least one token")
+        prompt = assemble(prefix, chunk_ids, query, keys)
+        if chunk_indices is not None:  # keep the request's chunk numbering
+            from dataclasses import replace
+
+            segs = list(prompt.segments)
+            chunk_pos = [i for i, s in enumerate(segs) if s.kind == "chunk"]
+            for j, i in zip(chunk_pos, chunk_indices):
+                segs[j] = replace(segs[j], index=int(i))
+            prompt = AssembledPrompt(tuple(segs))
+        self.adapter.check_length(prompt.length)
+        return prompt
+
+    def prefix_kv(self, prompt: AssembledPrompt) -> tuple[torch.Tensor, bool]:
+        """KV [L, 2, 1, H, P, D] of the exact prefix (start token + system), from the prefix cache or computed."""
+        ids = list(prompt.prefix.token_ids)
+        entry = self.prefix_cache.get(ids)
+        if entry is not None:
+            return entry.kv, True
+        kv = self.adapter.prefill(torch.tensor([ids])).kv
+        self.prefix_cache.put(ids, kv)
+        return kv, False
+
+    def fetch_chunks(self, prompt: AssembledPrompt, request: PrepareRequest, pipelined: bool | None = None,
+                     skip: Iterable[int] = (), sources: dict[int, str] | None = None,
+                     ) -> tuple[dict[int, LoadedChunk], list[ChunkInfo]]:
+        """Load every chunk of the prompt (but ``skip``); misses are computed alone, stored and used."""
+        pipelined = self.config.pipelined_loading if pipelined is None else pipelined
+        skip = set(skip)
+        segs = [s for s in prompt.chunks if s.index not in skip]
+        unique: dict[str, Any] = {}
+        for s in segs:
+            unique.setdefault(s.key, s)
+        keys = list(unique)
+        token_lists = [list(unique[k].token_ids) for k in keys]
+        by_key = {k: i for i, k in enumerate(keys)}
+        src = None
+        if sources:
+            src = [None] * len(keys)
+            for s in segs:
+                if s.index in sources:
+                    src[by_key[s.key]] = sources[s.index]
+
+        def recompute(i: int) -> ChunkKV:
+            return self.cacher.compute([token_lists[i]])[0]
+
+        loaded = self.loader.load(keys, token_lists, pipelined=pipelined, recompute=recompute, sources=src)
+        misses = [i for i, c in enumerate(loaded) if c is None]
+        stored: set[int] = set()
+        if misses:
+            start = time.perf_counter()
+            computed = self.cacher.compute([token_lists[i] for i in misses])
+            seconds = time.perf_counter() - start
+            self.costs.observe_compute(sum(c.num_tokens + 1 for c in computed) * self.adapter.num_layers, seconds)
+            for i, chunk in zip(misses, computed):
+                if request.store_misses:
+                    self.store.put(keys[i], chunk)
+                    stored.add(i)
+                loaded[i] = LoadedChunk(keys[i], chunk.meta, None, None, chunk.nbytes, hit=False, _full=chunk.kv)
+        by_index: dict[int, LoadedChunk] = {}
+        infos: list[ChunkInfo] = []
+        for s in segs:
+            i = by_key[s.key]
+            c = loaded[i]
+            assert c is not None
+            by_index[s.index] = c
+            infos.append(ChunkInfo(index=s.index, key=s.key or "", num_tokens=s.length, position=s.start, hit=c.hit,
+                                   tier=c.tier, codec=c.codec, source="store" if c.hit else "computed",
+                                   load_seconds=c.load_seconds, stored=i in stored))
+        return by_index, infos
+
+    def observe_loads(self, loaded: dict[int, LoadedChunk]) -> None:
+        """Feed measured load times into the cost model (after the layers were consumed)."""
+        seen: set[int] = set()
+        for c in loaded.values():
+            if id(c) in seen or not c.hit or c.tier is None:
+                continue
+            seen.add(id(c))
+            a = self.adapter
+            decoded = c.num_tokens * a.num_layers * 2 * a.num_kv_heads * a.head_dim * a.dtype.itemsize
+            self.costs.observe_load(c.tier, decoded, c.load_seconds)
+
+    def chunk_infos_for_prompt(self, prompt: AssembledPrompt, source: str, hit: bool) -> list[ChunkInfo]:
+        return [ChunkInfo(index=s.index, key=s.key or "", num_tokens=s.length, position=s.start, hit=hit,
+                          tier=None, codec=None, source=source) for s in prompt.chunks]
+
+
+__all__ = ["ContextEngine", "EngineConfig"]
