@@ -24,6 +24,11 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   apt_install redis-server
 fi
 
+# Debian's chromium: the service's status-page test loads the page headless and checks a screenshot.
+if ! command -v chromium >/dev/null 2>&1; then
+  apt_install chromium
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
   "$PYTHON" -m venv "$VENV"

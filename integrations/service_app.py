@@ -1,0 +1,423 @@
+"""The REST service: a FastAPI app over one ``RagRuntime`` (see ``ragkv.integrations.service`` to run it).
+
+Routes: chunk blobs (PUT/GET/HEAD/DELETE ``/v1/chunks/{key}``, ``POST /v1/chunks/lookup``), ``POST /v1/warm``,
+``POST /v1/generate`` (JSON or server-sent events), ``POST /v1/chat/completions`` (OpenAI-compatible, plus
+``documents``), ``GET /v1/stats``, ``GET /healthz``, ``GET /metrics`` and the status page at ``/``.
+
+Why handlers are thin: authentication, content types and body sizes are settled by ``GuardMiddleware``
+before FastAPI runs; tenancy rules live in ``Tenant``; model work and its queue in ``RagRuntime``. Store
+and model calls block, so they run in worker threads and the event loop keeps serving chunk traffic
+while a generation runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Sequence
+
+try:
+    import anyio
+    from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.security import APIKeyHeader, HTTPBearer
+except ImportError as exc:  # pragma: no cover - part of every dev install
+    raise ImportError("the ragkv service needs fastapi and uvicorn: pip install 'ragkv[service]'") from exc
+
+from ragkv.integrations.metrics import Metrics
+from ragkv.integrations.runtime import (
+    Answer,
+    AnswerRequest,
+    Cancelled,
+    Document,
+    Forbidden,
+    GenerationOptions,
+    NotFound,
+    Overloaded,
+    RagRuntime,
+)
+from ragkv.integrations.service_http import TENANT_SCOPE_KEY, GuardMiddleware, ServiceLimits, sse
+from ragkv.integrations.service_models import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkPutResponse,
+    DocumentField,
+    DocumentRef,
+    ErrorBody,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    LookupRequest,
+    LookupResponse,
+    LookupResult,
+    WarmRequest,
+    WarmResponse,
+)
+from ragkv.integrations.status_page import render_status_page
+from ragkv.integrations.tenants import Tenant, TenantRegistry
+from ragkv.kvstore import ConfigError, CorruptEntry, ModelMismatch, RagKVError, TierUnavailable, check_key, read_header
+
+DOWNLOAD_SLICE = 1 << 20
+KEY_DOC = "Store key '<namespace>:<name>' (both parts of [A-Za-z0-9._-]); your namespace or 'shared'"
+
+
+@dataclass
+class ServiceState:
+    """Everything the app serves from. ``example`` is the ready-to-paste request shown on the status page."""
+
+    runtime: RagRuntime
+    registry: TenantRegistry
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    metrics: Metrics = field(default_factory=Metrics)
+    sample: dict[str, Any] | None = None  # what was warmed at start-up (shown by /healthz)
+    sample_example: Any = None  # ragkv.integrations.service.SampleExample
+    example: str | None = None
+    upload_slots: int = 4  # chunk uploads buffered at once; memory is bounded by this times max_chunk_bytes
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {401: "Missing or invalid API key", 403: "Namespace not accessible with this API key",
+            404: "Chunk not found", 413: "Request body too large", 415: "Wrong content type",
+            422: "Malformed key, body or parameters", 429: "Model busy: too many requests waiting"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <API key>")
+
+
+def _tenant(request: Request, _bearer_credentials: Any = Security(_bearer), _key: Any = Security(_api_key)
+            ) -> Tenant:
+    """The tenant ``GuardMiddleware`` authenticated (the Security parameters only document the schemes)."""
+    tenant = request.scope.get(TENANT_SCOPE_KEY)
+    if tenant is None:
+        raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+def _check_text(text: str, what: str, limit: int) -> str:
+    if len(text) > limit:
+        raise ConfigError(f"{what} has {len(text)} characters; the limit is {limit}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} is not valid Unicode text") from exc
+    return text
+
+
+def _key(key: str) -> str:
+    try:
+        return check_key(key)
+    except ConfigError as exc:
+        raise HTTPException(422, str(exc)) from exc
+
+
+def create_app(state: ServiceState) -> FastAPI:
+    """Build the app. The caller owns ``state.runtime`` (and closes it)."""
+    runtime, limits, metrics = state.runtime, state.limits, state.metrics
+    app = FastAPI(title="ragkv", version="0.1.0",
+                  description="KV-cache store and RAG middleware: chunk KV blobs, warming, and generation that "
+                              "reuses cached chunk KV (CacheBlend). Authenticate with 'Authorization: Bearer "
+                              "<key>' or 'X-API-Key'.")
+    upload_slots = asyncio.Semaphore(state.upload_slots)
+
+    # -- errors -------------------------------------------------------------------------------------------------
+    def handler(status: int, headers: dict[str, str] | None = None) -> Callable[..., Any]:
+        async def handle(_request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+        return handle
+
+    app.add_exception_handler(Overloaded, handler(429, {"Retry-After": "1"}))
+    app.add_exception_handler(Forbidden, handler(403))
+    app.add_exception_handler(PermissionError, handler(403))
+    app.add_exception_handler(NotFound, handler(404))
+    app.add_exception_handler(ConfigError, handler(422))  # includes ContextTooLong and UnsupportedModel
+    app.add_exception_handler(CorruptEntry, handler(422))
+    app.add_exception_handler(ModelMismatch, handler(422))
+    app.add_exception_handler(TierUnavailable, handler(503, {"Retry-After": "5"}))
+    app.add_exception_handler(RagKVError, handler(422))
+
+    # -- chunks -------------------------------------------------------------------------------------------------
+    key_param = Path(description=KEY_DOC, max_length=200)
+
+    @app.put("/v1/chunks/{key}", status_code=201, response_model=ChunkPutResponse, tags=["chunks"],
+             summary="Store a chunk's container blob", responses=_errors(401, 403, 413, 415, 422),
+             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}}})
+    async def put_chunk(request: Request, key: str = key_param, tenant: Tenant = Depends(_tenant),
+                        ttl_s: float | None = Query(default=None, gt=0, le=10 * 365 * 86400)) -> ChunkPutResponse:
+        key = _key(key)
+        if not tenant.can_write(key):
+            raise Forbidden(f"namespace of {key} is not writable with this API key")
+        async with upload_slots:
+            blob = await request.body()
+            header = read_header(blob)  # CorruptEntry -> 422, before anything is stored
+            await anyio.to_thread.run_sync(lambda: runtime.store.put_blob(key, blob, ttl_s=ttl_s))
+        metrics.add_chunk_bytes("received", len(blob))
+        return ChunkPutResponse(key=key, bytes=len(blob), tokens=len(header.meta.token_ids), codec=header.codec)
+
+    def _readable(tenant: Tenant, key: str) -> str:
+        key = _key(key)
+        if not tenant.can_read(key):
+            raise Forbidden(f"namespace of {key} is not readable with this API key")
+        return key
+
+    @app.get("/v1/chunks/{key}", tags=["chunks"], summary="Download a chunk's container blob",
+             response_class=Response, responses={200: {"content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}, "description": "The container blob"},
+                 **_errors(401, 403, 404, 422)})
+    async def get_chunk(key: str = key_param, tenant: Tenant = Depends(_tenant)) -> Response:
+        key = _readable(tenant, key)
+        blob = await anyio.to_thread.run_sync(runtime.store.get_blob, key)
+        if blob is None:
+            raise NotFound(f"chunk {key} is not in the store")
+        metrics.add_chunk_bytes("sent", len(blob))
+
+        async def body() -> AsyncIterator[bytes]:
+            if len(blob) <= DOWNLOAD_SLICE:
+                yield blob
+                return
+            view = memoryview(blob)
+            for start in range(0, len(blob), DOWNLOAD_SLICE):
+                yield bytes(view[start:start + DOWNLOAD_SLICE])
+
+        return StreamingResponse(body(), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(len(blob))})
+
+    @app.head("/v1/chunks/{key}", tags=["chunks"], summary="Whether a chunk is stored, its size and tier",
+              response_class=Response, responses=_errors(401, 403, 404, 422))
+    async def head_chunk(key: str = key_param, tenant: Tenant = Depends(_tenant)) -> Response:
+        key = _readable(tenant, key)
+
+        def look() -> tuple[str | None, int | None]:
+            tier = runtime.store.locate(key)
+            blob = runtime.store.get_blob(key) if tier is not None else None
+            return tier, None if blob is None else len(blob)
+
+        tier, size = await anyio.to_thread.run_sync(look)
+        if tier is None or size is None:
+            return Response(status_code=404)
+        return Response(status_code=200, media_type="application/octet-stream",
+                        headers={"Content-Length": str(size), "X-Ragkv-Tier": tier})
+
+    @app.delete("/v1/chunks/{key}", status_code=204, tags=["chunks"], summary="Delete a chunk from every tier",
+                response_class=Response, responses=_errors(401, 403, 404, 422))
+    async def delete_chunk(key: str = key_param, tenant: Tenant = Depends(_tenant)) -> Response:
+        key = _key(key)
+        if not tenant.can_delete(key):
+            raise Forbidden(f"chunks of {key.split(':')[0]!r} cannot be deleted with this API key")
+        removed = await anyio.to_thread.run_sync(runtime.store.delete, key)
+        if not removed:
+            raise NotFound(f"chunk {key} is not in the store")
+        return Response(status_code=204)
+
+    @app.post("/v1/chunks/lookup", response_model=LookupResponse, tags=["chunks"],
+              summary="Which keys are stored, and in which tier", responses=_errors(401, 403, 413, 415, 422))
+    async def lookup(body: LookupRequest, tenant: Tenant = Depends(_tenant)) -> LookupResponse:
+        if len(body.keys) > limits.max_lookup_keys:
+            raise ConfigError(f"{len(body.keys)} keys; the limit is {limits.max_lookup_keys}")
+        keys = [_readable(tenant, k) for k in body.keys]
+        tiers = await anyio.to_thread.run_sync(lambda: [runtime.store.locate(k) for k in keys])
+        return LookupResponse(results=[LookupResult(key=k, present=t is not None, tier=t) for k, t in zip(keys, tiers)])
+
+    # -- warm ---------------------------------------------------------------------------------------------------
+    @app.post("/v1/warm", response_model=WarmResponse, tags=["rag"],
+              summary="Compute and store the KV of chunk texts (already stored ones are skipped)",
+              responses=_errors(401, 403, 413, 415, 422, 429))
+    async def warm(body: WarmRequest, tenant: Tenant = Depends(_tenant)) -> WarmResponse:
+        if len(body.texts) > limits.max_warm_texts:
+            raise ConfigError(f"{len(body.texts)} texts; the limit is {limits.max_warm_texts}")
+        texts = [_check_text(t, f"text {i}", limits.max_text_chars) for i, t in enumerate(body.texts)]
+        namespace = tenant.write_namespace(body.shared)
+        report = await anyio.to_thread.run_sync(
+            lambda: runtime.warm(texts, namespace, ttl_s=body.ttl_s, pin=body.pin))
+        metrics.observe_warm(report.computed, report.already_cached)
+        return WarmResponse(keys=report.keys, namespace=namespace, computed=report.computed,
+                            already_cached=report.already_cached, seconds=report.seconds)
+
+    # -- generate -----------------------------------------------------------------------------------------------
+    def documents(items: Sequence[DocumentField]) -> list[Document]:
+        if len(items) > limits.max_documents:
+            raise ConfigError(f"{len(items)} documents; the limit is {limits.max_documents}")
+        out = []
+        for i, item in enumerate(items):
+            if isinstance(item, DocumentRef):
+                out.append(Document(key=item.key) if item.key is not None else
+                           Document(text=_check_text(str(item.text), f"document {i}", limits.max_text_chars)))
+            else:
+                out.append(Document(text=_check_text(item, f"document {i}", limits.max_text_chars)))
+        return out
+
+    def options(body: Any, max_new_tokens: int, stop: Sequence[str]) -> GenerationOptions:
+        if max_new_tokens > limits.max_new_tokens:
+            raise ConfigError(f"max_new_tokens {max_new_tokens} exceeds the limit of {limits.max_new_tokens}")
+        return GenerationOptions(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+                                 top_k=body.top_k, seed=body.seed,
+                                 stop=tuple(_check_text(s, "a stop string", 256) for s in stop))
+
+    def answer_request(tenant: Tenant, body: Any, query: str, system: str | None, docs: list[Document],
+                       generation: GenerationOptions) -> AnswerRequest:
+        return AnswerRequest(query=_check_text(query, "the query", limits.max_text_chars),
+                             documents=docs, system=_check_text(system, "the system text", limits.max_text_chars)
+                             if system else None, namespace=tenant.write_namespace(body.shared),
+                             readable_namespaces=tenant.readable(), strategy=body.strategy,
+                             strategy_params=body.strategy_params, generation=generation)
+
+    def record(answer: Answer) -> None:
+        metrics.observe_answer(answer.ttft_s, answer.strategy, [d.hit for d in answer.documents],
+                               [d.tier for d in answer.documents])
+
+    def outcome(answer: Answer) -> dict[str, Any]:
+        d = answer.to_dict()
+        d["model"] = runtime.info.name
+        d["usage"]["total_tokens"] = answer.prompt_tokens + answer.completion_tokens
+        return d
+
+    async def checked(request: AnswerRequest) -> Any:
+        if runtime.waiting >= runtime.max_waiting:
+            raise Overloaded(f"{runtime.waiting} model requests are already waiting; retry later")
+        return await anyio.to_thread.run_sync(runtime.check, request)
+
+    async def stream_answer(check: Any, on_done: Callable[[Answer], list[bytes]],
+                            on_piece: Callable[[str], bytes], on_error: Callable[[str], list[bytes]]
+                            ) -> AsyncIterator[bytes]:
+        """Run the answer in a worker thread and relay its text pieces; stop it if the client goes away."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def on_token(text: str) -> None:
+            if stop.is_set():
+                raise Cancelled
+            loop.call_soon_threadsafe(queue.put_nowait, ("piece", text))
+
+        def work() -> None:
+            try:
+                result: tuple[str, Any] = ("done", runtime.run(check, on_token))
+            except Cancelled:
+                return
+            except (RagKVError, PermissionError) as exc:
+                result = ("error", str(exc))
+            loop.call_soon_threadsafe(queue.put_nowait, result)
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if kind == "piece":
+                    yield on_piece(payload)
+                elif kind == "done":
+                    record(payload)
+                    for event in on_done(payload):
+                        yield event
+                    break
+                else:
+                    for event in on_error(payload):
+                        yield event
+                    break
+        finally:
+            stop.set()
+            await asyncio.shield(worker)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, tags=["rag"],
+              summary="Answer a query over documents (texts or chunk keys) with a cache strategy",
+              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                               "description": "JSON, or server-sent events (token, done) when stream is true"},
+                         **_errors(401, 403, 404, 413, 415, 422, 429)})
+    async def generate(body: GenerateRequest, tenant: Tenant = Depends(_tenant)) -> Any:
+        request = answer_request(tenant, body, body.query, body.system, documents(body.documents),
+                                 options(body, body.max_new_tokens, body.stop))
+        check = await checked(request)
+        if body.stream:
+            return StreamingResponse(stream_answer(
+                check, on_done=lambda a: [sse(outcome(a), "done")], on_piece=lambda t: sse({"text": t}, "token"),
+                on_error=lambda m: [sse({"detail": m}, "error")]), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"})
+        answer = await anyio.to_thread.run_sync(runtime.run, check)
+        record(answer)
+        return outcome(answer)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["rag"],
+              summary="OpenAI-compatible chat completions, answered from cached document KV",
+              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                               "description": "chat.completion, or chat.completion.chunk events when streaming"},
+                         **_errors(401, 403, 404, 413, 415, 422, 429)})
+    async def chat_completions(body: ChatCompletionRequest, tenant: Tenant = Depends(_tenant)) -> Any:
+        system = "\n".join(m.text() for m in body.messages if m.role in ("system", "developer")) or None
+        query = "\n".join(t for t in (m.text() for m in body.messages if m.role not in ("system", "developer")) if t)
+        if not query.strip():
+            raise ConfigError("the messages hold no user text to answer")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        max_new = body.max_completion_tokens or body.max_tokens or min(128, limits.max_new_tokens)
+        request = answer_request(tenant, body, query, system, documents(body.documents), options(body, max_new, stop))
+        check = await checked(request)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        model = body.model or runtime.info.name
+
+        def extras(a: Answer) -> dict[str, Any]:
+            return {"ttft_ms": a.ttft_s * 1e3, "timings_ms": a.timings_ms, "strategy": a.strategy,
+                    "documents": [d.to_dict() for d in a.documents]}
+
+        def finish(a: Answer) -> str:
+            return "length" if a.finish_reason in ("length", "context_limit") else "stop"
+
+        if body.stream:
+            def chunk(delta: dict[str, Any], reason: str | None = None, **more: Any) -> dict[str, Any]:
+                return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **more}
+
+            async def events() -> AsyncIterator[bytes]:
+                yield sse(chunk({"role": "assistant", "content": ""}))
+                async for event in stream_answer(
+                        check, on_piece=lambda t: sse(chunk({"content": t})),
+                        on_done=lambda a: [sse(chunk({}, finish(a), ragkv=extras(a))), sse("[DONE]")],
+                        on_error=lambda m: [sse({"error": {"message": m, "type": "invalid_request_error"}}),
+                                            sse("[DONE]")]):
+                    yield event
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        a = await anyio.to_thread.run_sync(runtime.run, check)
+        record(a)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text},
+                             "finish_reason": finish(a)}],
+                "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+                          "total_tokens": a.prompt_tokens + a.completion_tokens},
+                "ragkv": extras(a)}
+
+    # -- observability ------------------------------------------------------------------------------------------
+    @app.get("/v1/stats", tags=["observability"], summary="Store, cache and service statistics (JSON)",
+             responses=_errors(401))
+    async def stats(tenant: Tenant = Depends(_tenant)) -> dict[str, Any]:
+        store_stats = await anyio.to_thread.run_sync(runtime.store.stats)
+        return {"tenant": tenant.name, "namespace": tenant.namespace, "store": store_stats,
+                "service": metrics.snapshot(), "model": runtime.info.to_dict(), "waiting": runtime.waiting}
+
+    @app.get("/healthz", response_model=HealthResponse, tags=["observability"], summary="Liveness and what is served")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": {**runtime.info.to_dict(), "fingerprint": str(runtime.adapter.fingerprint)},
+                "store": repr(runtime.store), "auth": not state.registry.open, "sample_corpus": state.sample}
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["observability"],
+             summary="Prometheus metrics (text exposition format)")
+    async def prometheus() -> PlainTextResponse:
+        store_stats = await anyio.to_thread.run_sync(runtime.store.stats)
+        text = metrics.render_prometheus(store_stats, {"ragkv_model_requests_waiting": runtime.waiting})
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse, tags=["observability"], summary="Status page (HTML)")
+    async def status_page() -> HTMLResponse:
+        store_stats = await anyio.to_thread.run_sync(runtime.store.stats)
+        page = render_status_page(model=runtime.info.to_dict(), store_repr=repr(runtime.store),
+                                  store_stats=store_stats, service=metrics.snapshot(),
+                                  samples=metrics.recent_ttfts(), auth=not state.registry.open, example=state.example)
+        return HTMLResponse(page)
+
+    app.add_middleware(GuardMiddleware, registry=state.registry, limits=limits, metrics=metrics)
+    return app
+
+
+__all__ = ["create_app", "ServiceState"]

@@ -1,0 +1,182 @@
+"""The service's outermost ASGI layer: authentication, content types, body-size limits, and request metrics.
+
+Why one plain ASGI middleware in front of FastAPI rather than per-route dependencies: the order of refusals
+must not depend on FastAPI internals (which parse a JSON body before running dependencies, so a bad body
+would answer 422 before a missing key answered 401), and an oversized body must be refused from its
+``Content-Length`` before a byte of it is read. Order: 401 (API key) -> 415 (content type) -> 413 (size);
+everything after that is FastAPI's (422 for malformed keys and bodies).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from starlette.exceptions import HTTPException
+
+from ragkv.integrations.metrics import Metrics
+from ragkv.integrations.tenants import TenantRegistry
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+TENANT_SCOPE_KEY = "ragkv.tenant"
+CHUNKS_PREFIX = "/v1/chunks/"
+OCTET_STREAM = "application/octet-stream"
+JSON = "application/json"
+PUBLIC_PATHS = ("/", "/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request may ask for. Bodies over the size limits get 413, the rest 422."""
+
+    max_chunk_bytes: int = 256 << 20  # a PUT chunk body (container blob)
+    max_json_bytes: int = 4 << 20  # any JSON body
+    max_documents: int = 64
+    max_text_chars: int = 200_000  # per document, query or system text
+    max_warm_texts: int = 1024
+    max_lookup_keys: int = 1024
+    max_new_tokens: int = 512
+    max_waiting: int = 16  # model requests queued behind the one running; more get 429
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
+
+
+def expected_content_type(method: str, path: str) -> str | None:
+    """The media type a route's body must have, or None for routes without a body."""
+    if method == "PUT" and path.startswith(CHUNKS_PREFIX):
+        return OCTET_STREAM
+    if method == "POST" and path.startswith("/v1/"):
+        return JSON
+    return None
+
+
+def _media_type(headers: dict[bytes, bytes]) -> str:
+    raw = headers.get(b"content-type", b"").decode("latin-1")
+    return raw.split(";", 1)[0].strip().lower()
+
+
+def _api_key(headers: dict[bytes, bytes]) -> str | None:
+    auth = headers.get(b"authorization")
+    if auth is not None:
+        scheme, _, token = auth.decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1").strip() if key else None
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _TooLarge(HTTPException):
+    """Raised from ``receive`` when a body without Content-Length outgrows the limit. An HTTPException, so
+    FastAPI's body reader passes it on (as 413) instead of calling it a parse error."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"request body exceeds the limit of {limit} bytes")
+
+
+class GuardMiddleware:
+    """Authenticates ``/v1/*`` requests, enforces content types and body limits, and records metrics."""
+
+    def __init__(self, app: ASGIApp, registry: TenantRegistry, limits: ServiceLimits, metrics: Metrics) -> None:
+        self.app = app
+        self.registry = registry
+        self.limits = limits
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_recording(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_recording)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or ("unmatched" if status["code"] == 404 else "refused")
+            self.metrics.observe_request(scope.get("method", "GET"), template, status["code"],
+                                         time.perf_counter() - start)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope.get("method", "GET")
+        path: str = scope.get("path", "/")
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if path.startswith("/v1/"):
+            tenant = self.registry.authenticate(_api_key(headers))
+            if tenant is None:
+                await send_json(send, 401, {"detail": "missing or invalid API key (send 'Authorization: Bearer "
+                                                      "<key>' or 'X-API-Key: <key>')"},
+                                [(b"www-authenticate", b"Bearer")])
+                return
+            scope[TENANT_SCOPE_KEY] = tenant
+        wanted = expected_content_type(method, path)
+        if wanted is not None:
+            media = _media_type(headers)
+            if media != wanted and not (wanted == JSON and media.startswith("application/") and media.endswith("+json")):
+                await send_json(send, 415, {"detail": f"this endpoint takes {wanted}, got {media or 'no content type'}"})
+                return
+        limit = self.limits.max_chunk_bytes if wanted == OCTET_STREAM else self.limits.max_json_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await send_json(send, 400, {"detail": "invalid Content-Length"})
+                return
+            if length > limit:
+                await send_json(send, 413, {"detail": f"request body of {length} bytes exceeds the limit of {limit}"})
+                return
+        received = {"n": 0}
+        started = {"response": False}
+
+        async def receive_limited() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                received["n"] += len(message.get("body", b""))
+                if received["n"] > limit:
+                    raise _TooLarge(limit)
+            return message
+
+        async def send_tracking(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started["response"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_limited, send_tracking)
+        except _TooLarge:
+            if started["response"]:
+                raise
+            await send_json(send, 413, {"detail": f"request body exceeds the limit of {limit} bytes"})
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event; ``data`` is JSON-encoded unless it is already a string."""
+    text = data if isinstance(data, str) else json.dumps(data)
+    head = f"event: {event}\n" if event else ""
+    return (head + "".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
+
+
+__all__ = ["GuardMiddleware", "ServiceLimits", "TENANT_SCOPE_KEY", "expected_content_type", "sse", "send_json"]

@@ -1,0 +1,205 @@
+"""Request and response bodies of the REST service (pydantic), shared by the app and its OpenAPI schema.
+
+The schema's static bounds are generous sanity limits that keep schema-driven clients honest; the
+configured limits (``ServiceLimits``) are checked by the handlers and answered with 422 naming the limit.
+ragkv's own bodies forbid unknown fields (a typo is an error, not a silent default); the OpenAI-compatible
+chat body ignores them, as OpenAI clients send many fields this server has no use for.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+try:
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+except ImportError as exc:  # pragma: no cover - pydantic comes with fastapi
+    raise ImportError("the ragkv service needs fastapi and uvicorn: pip install 'ragkv[service]'") from exc
+
+KEY_PATTERN = r"^[A-Za-z0-9._-]{1,64}:[A-Za-z0-9._-]{1,128}$"
+MAX_SCHEMA_TEXT = 1_000_000
+MAX_SCHEMA_ITEMS = 4096
+
+
+class ErrorBody(BaseModel):
+    detail: Any = Field(description="What was wrong: a message, or a list of validation errors")
+
+
+class DocumentRef(BaseModel):
+    """A document by text or by the key of a chunk already stored (own or shared namespace)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(default=None, min_length=1, max_length=MAX_SCHEMA_TEXT)
+    key: str | None = Field(default=None, pattern=KEY_PATTERN, description="'<namespace>:<name>'")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DocumentRef":
+        if (self.text is None) == (self.key is None):
+            raise ValueError("a document has exactly one of 'text' or 'key'")
+        return self
+
+
+DocumentField = Union[str, DocumentRef]
+
+
+class WarmRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, max_length=MAX_SCHEMA_ITEMS,
+                             description="Chunk texts; each is tokenized alone and its KV computed and stored")
+    shared: bool = Field(default=False, description="Store in the shared namespace (publish) instead of the tenant's")
+    ttl_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
+    pin: bool = Field(default=False, description="Never evict these chunks")
+
+
+class WarmResponse(BaseModel):
+    keys: list[str]
+    namespace: str
+    computed: int
+    already_cached: int
+    seconds: float
+
+
+class LookupRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[str] = Field(min_length=1, max_length=MAX_SCHEMA_ITEMS)
+
+
+class LookupResult(BaseModel):
+    key: str
+    present: bool
+    tier: str | None = Field(description="Fastest tier holding the chunk, or null")
+
+
+class LookupResponse(BaseModel):
+    results: list[LookupResult]
+
+
+class ChunkPutResponse(BaseModel):
+    key: str
+    bytes: int
+    tokens: int
+    codec: str
+
+
+class GenerationFields(BaseModel):
+    temperature: float | None = Field(default=None, ge=0, le=5, description="0 or null: greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    strategy: str | None = Field(default=None, max_length=64,
+                                 description="full | prefix | reuse | blend | compress | auto (default blend)")
+    strategy_params: dict[str, Any] = Field(default_factory=dict,
+                                            description="The strategy's config fields, e.g. {\"ratio\": 0.15}")
+    shared: bool = Field(default=False, description="Look chunks up in, and store misses to, the shared namespace")
+
+
+class GenerateRequest(GenerationFields):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1, max_length=MAX_SCHEMA_TEXT)
+    documents: list[DocumentField] = Field(default_factory=list, max_length=MAX_SCHEMA_ITEMS)
+    system: str | None = Field(default=None, max_length=MAX_SCHEMA_TEXT)
+    max_new_tokens: int = Field(default=64, ge=1, le=100_000)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stream: bool = Field(default=False, description="Stream tokens as server-sent events")
+
+
+class DocumentOutcome(BaseModel):
+    index: int
+    key: str
+    tokens: int
+    hit: bool = Field(description="Served from the store")
+    tier: str | None
+    codec: str | None
+    source: str = Field(description="store | computed | prefix | text | dropped")
+    recomputed_tokens: int
+    load_ms: float
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    answer: str
+    finish_reason: str
+    strategy: str
+    model: str
+    ttft_ms: float
+    total_ms: float
+    timings_ms: dict[str, float] = Field(description="TTFT split: gather, compute, load_wait, prepare, first_token")
+    documents: list[DocumentOutcome]
+    usage: Usage
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_SCHEMA_TEXT)
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationFields):
+    """OpenAI's chat completion body plus ``documents`` (and ragkv's strategy fields); other fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(default=None, max_length=256)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_SCHEMA_ITEMS)
+    documents: list[DocumentField] = Field(default_factory=list, max_length=MAX_SCHEMA_ITEMS)
+    max_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported")
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str
+
+
+class RagkvExtras(BaseModel):
+    ttft_ms: float
+    timings_ms: dict[str, float]
+    strategy: str
+    documents: list[DocumentOutcome]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    ragkv: RagkvExtras
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model: dict[str, Any]
+    store: str
+    auth: bool
+    sample_corpus: dict[str, Any] | None
+
+
+__all__ = ["ErrorBody", "DocumentRef", "DocumentField", "WarmRequest", "WarmResponse", "LookupRequest",
+           "LookupResult", "LookupResponse", "ChunkPutResponse", "GenerateRequest", "GenerateResponse",
+           "DocumentOutcome", "Usage", "ChatMessageIn", "ChatCompletionRequest", "ChatCompletionResponse",
+           "ChatChoice", "ChatMessageOut", "RagkvExtras", "HealthResponse", "KEY_PATTERN"]
