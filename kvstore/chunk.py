@@ -16,8 +16,9 @@ _NAMESPACE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 
 def check_namespace(namespace: str) -> str:
     """Namespaces name tenants; they appear in Redis keys and paths, so keep them to a safe alphabet."""
-    if not isinstance(namespace, str) or not 1 <= len(namespace) <= 64 or not set(namespace) <= _NAMESPACE_CHARS:
-        raise ConfigError(f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}")
+    if (not isinstance(namespace, str) or not 1 <= len(namespace) <= 64 or not set(namespace) <= _NAMESPACE_CHARS
+            or set(namespace) == {"."}):
+        raise ConfigError(f"namespace must be 1-64 characters of [A-Za-z0-9._-], not only dots; got {namespace!r}")
     return namespace
 
 
@@ -164,8 +165,8 @@ def check_key(key: str) -> str:
     """Store keys are ``"<namespace>:<name>"``; both parts of [A-Za-z0-9._-], name up to 128 characters."""
     if isinstance(key, str) and key.count(":") == 1:
         namespace, name = key.split(":")
-        if (namespace and len(namespace) <= 64 and set(namespace) <= _NAMESPACE_CHARS
-                and name and len(name) <= 128 and set(name) <= _KEY_BODY_CHARS):
+        if (namespace and len(namespace) <= 64 and set(namespace) <= _NAMESPACE_CHARS and set(namespace) != {"."}
+                and name and len(name) <= 128 and set(name) <= _KEY_BODY_CHARS and set(name) != {"."}):
             return key
     raise ConfigError(f"store keys are '<namespace>:<name>' of [A-Za-z0-9._-], got {key!r}")
 

@@ -27,7 +27,7 @@ def test_chunk_key_depends_on_every_part() -> None:
     assert chunk_key("fp1", "t", (1, 2, 3)) == base
 
 
-@pytest.mark.parametrize("namespace", ["", "a b", "x" * 65, "ns:1", "../up"])
+@pytest.mark.parametrize("namespace", ["", "a b", "x" * 65, "ns:1", "../up", ".", ".."])
 def test_bad_namespaces(namespace: str) -> None:
     with pytest.raises(ConfigError):
         chunk_key("fp", namespace, [1])
@@ -36,7 +36,7 @@ def test_bad_namespaces(namespace: str) -> None:
 def test_check_key_and_namespace() -> None:
     assert check_key("t1:abc") == "t1:abc"
     assert key_namespace("shared:ff00") == "shared"
-    for bad in ("abc", "t1:", ":abc", "t1:a/b", "t1:" + "a" * 129):
+    for bad in ("abc", "t1:", ":abc", "t1:a/b", "t1:" + "a" * 129, "..:abc", "t1:..", ".:."):
         with pytest.raises(ConfigError):
             check_key(bad)
 
