@@ -1,7 +1,9 @@
-"""The ``ragkv`` command line. Subcommands: ``demo`` (a store round trip), ``stats`` (what a store holds).
+"""The ``ragkv`` command line: ``serve`` (the REST service, the README's main job), ``warm`` (precompute a
+corpus, resumable), ``ask`` (one RAG question with the TTFT split), ``stats``, ``bench``, and ``demo`` (a
+store round trip without a model).
 
-The service, warm, ask and bench subcommands arrive with the integrations issue; until then ``demo`` is the
-main job the README's run command starts.
+Model-backed subcommands live in ``cli_commands`` and are imported only when they run, so ``--help``,
+``demo`` and ``stats`` stay fast and need no model extras.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -64,6 +66,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from ragkv.integrations import cli_commands
+
+        return int(getattr(cli_commands, name)(args))
+    return run
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a local HuggingFace model directory (Llama, Qwen2/3, Mistral; safetensors). Default: "
+                        "ragkv's bundled model (a labelled random-initialised stand-in until it ships)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default: as stored)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragkv", description="KV-cache store and middleware for RAG")
     parser.add_argument("--store", default=None,
@@ -71,13 +89,71 @@ def build_parser() -> argparse.ArgumentParser:
                              "or a .json/.toml config file (default: $RAGKV_STORE, else host + disk under the "
                              "user cache dir)")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="write and read back a few chunks through the store")
+
+    serve = sub.add_parser("serve", help="start the REST service (warms a sample corpus, prints an example)")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--api-keys", default=None, metavar="FILE",
+                       help="JSON/TOML file mapping API keys to tenants (default: open, one tenant, loopback only)")
+    serve.add_argument("--max-chunk-bytes", type=int, default=256 << 20, help="largest chunk blob a PUT may send")
+    serve.add_argument("--max-json-bytes", type=int, default=4 << 20, help="largest JSON request body")
+    serve.add_argument("--max-documents", type=int, default=64, help="documents per generate request")
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="largest max_new_tokens a request may ask")
+    serve.add_argument("--max-waiting", type=int, default=16, help="model requests queued before 429")
+    serve.add_argument("--no-sample", action="store_true", help="do not warm the sample corpus at start-up")
+    serve.add_argument("--allow-open-remote", action="store_true",
+                       help="serve a non-loopback address without API keys (everyone is one tenant)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_lazy("cmd_serve"))
+
+    warm = sub.add_parser("warm", help="precompute the chunk KV of a corpus (resumable: stored chunks are skipped)")
+    warm.add_argument("corpus", help="a directory of .txt/.md files, a text file, or a JSONL file")
+    _model_options(warm)
+    warm.add_argument("--namespace", default="default", help="the tenant namespace to store into")
+    warm.add_argument("--split", default="paragraph", choices=["paragraph", "file"],
+                      help="chunk text files by blank-line paragraphs or whole files")
+    warm.add_argument("--text-field", default="text", help="JSONL: the field holding each chunk's text")
+    warm.add_argument("--batch-size", type=int, default=32)
+    warm.add_argument("--index", default=None, metavar="DIR", help="also add the chunks to this FAISS index")
+    warm.add_argument("--embedder", default="minilm", help="embedder for --index: minilm (default) or hashing")
+    warm.set_defaults(func=_lazy("cmd_warm"))
+
+    ask = sub.add_parser("ask", help="answer one RAG question and show the TTFT split")
+    ask.add_argument("question", nargs="?", default=None)
+    _model_options(ask)
+    ask.add_argument("--doc", action="append", help="a document text (repeat for several)")
+    ask.add_argument("--docs", default=None, metavar="PATH", help="documents from a corpus file or directory")
+    ask.add_argument("--index", default=None, metavar="DIR", help="retrieve documents from this FAISS index")
+    ask.add_argument("-k", type=int, default=4, help="documents to retrieve with --index")
+    ask.add_argument("--embedder", default=None, help="embedder of --index (default: the one it was built with)")
+    ask.add_argument("--sample", type=int, default=None, metavar="N", help="ask sample corpus question N")
+    ask.add_argument("--system", default=None, help="a system prefix")
+    ask.add_argument("--strategy", default="blend", help="full | prefix | reuse | blend | compress | auto")
+    ask.add_argument("--max-new-tokens", type=int, default=32)
+    ask.add_argument("--namespace", default="default")
+    ask.add_argument("--compare", action="store_true", help="also time full prefill of the same prompt")
+    ask.add_argument("--url", default=None, help="ask a running ragkv service instead of loading the model")
+    ask.add_argument("--api-key", default=None, help="API key for --url")
+    ask.add_argument("--json", action="store_true", help="print the result as JSON")
+    ask.set_defaults(func=_lazy("cmd_ask"))
+
+    stats = sub.add_parser("stats", help="print the store's tiers, entries and statistics as JSON")
+    stats.set_defaults(func=cmd_stats)
+
+    bench = sub.add_parser("bench", help="quick in-process benchmark: TTFT cold/warm/full and store gets")
+    _model_options(bench)
+    bench.add_argument("--strategy", default="blend")
+    bench.add_argument("--questions", type=int, default=8)
+    bench.add_argument("--seconds", type=float, default=2.0, help="duration of the store get loop")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=_lazy("cmd_bench"))
+
+    demo = sub.add_parser("demo", help="write and read back a few chunks through the store (no model)")
     demo.add_argument("--chunks", type=int, default=8)
     demo.add_argument("--tokens", type=int, default=256)
     demo.add_argument("--keep", action="store_true", help="leave the demo chunks in the store")
     demo.set_defaults(func=cmd_demo)
-    stats = sub.add_parser("stats", help="print the store's tiers, entries and statistics as JSON")
-    stats.set_defaults(func=cmd_stats)
     return parser
 
 
@@ -88,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RagKVError as exc:
         print(f"ragkv: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ragkv: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
