@@ -117,7 +117,7 @@ class LayerFeed:
             if chunk is None:
                 continue
             start = time.perf_counter()
-            src = chunk.layer(layer)  # [2, H, T, D]
+            src = chunk.layer(layer).to(kv_layer.device, non_blocking=True)  # [2, H, T, D]
             self.wait_seconds += time.perf_counter() - start
             delta = seg.start - chunk.meta.position
             keys = src[0]

@@ -103,7 +103,7 @@ class _Sampler:
         """logits [V] float32 -> next token id."""
         if not self.config.do_sample:
             return int(torch.argmax(logits))
-        scores = self.warpers(torch.tensor([sequence]), logits[None].float())
+        scores = self.warpers(torch.tensor([sequence]), logits[None].float().cpu())
         probs = torch.softmax(scores, dim=-1)[0].cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

@@ -159,7 +159,9 @@ class ChunkLoader:
                                              load_seconds=time.perf_counter() - start, _full=chunk.kv)
                 continue
             wanted = sources[i] if sources is not None else None
-            holders = [(n, t) for n, t in self.locate(key) if wanted is None or n == wanted]
+            holders = self.locate(key)
+            if wanted is not None:  # the planned tier first, the others as a fallback
+                holders = sorted(holders, key=lambda h: h[0] != wanted)
             for name, tier in holders:
                 loaded = self._load_from(name, tier, key, ids, pipelined, pending, start)
                 if loaded is not None:

@@ -1,0 +1,171 @@
+"""TTFT: full prefill vs prefix / reuse / blend / compress / auto on a RAG prompt, as ratios measured in one run.
+
+Model: random-initialised, Qwen2.5-0.5B shape (24 layers, hidden 896, 14 heads / 2 kv heads, head dim 64,
+vocab 151936, tied embeddings, rope_theta 1e6), bf16. Prompt: start token + 8 chunks x 512 tokens + a
+32-token query (random token ids; timing does not depend on what the tokens mean). Chunks are warmed into
+the store first (not timed). TTFT = prepare + sampling the first token (``generate(max_new_tokens=1)``).
+
+Tiers: host (decoded tensors in memory); disk (raw codec, one file per chunk, each file's pages dropped
+from the page cache with posix_fadvise before every run) when the disk tier is available. Redis is not
+measured here (no server in this scenario).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness import Report, median, parse_args
+
+from ragkv.kvstore.tiers import DiskConfig, DiskTier, HostConfig, HostTier
+from ragkv.kvstore.tiers.base import Tier
+from ragkv.middleware import (
+    BlendConfig,
+    CompressConfig,
+    ContextEngine,
+    EngineConfig,
+    GenerationConfig,
+    ModelAdapter,
+    PrepareRequest,
+)
+
+QWEN_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+            "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+QUICK = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+         "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+
+
+def build_model(quick: bool) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**(QUICK if quick else QWEN_05B)))
+    return model.to(torch.bfloat16).eval()
+
+
+def drop_dir_from_page_cache(path: str) -> int:
+    dropped = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                dropped += 1
+            finally:
+                os.close(fd)
+    return dropped
+
+
+def ttft(engine: ContextEngine, request: PrepareRequest, strategy: Any, before: Callable[[], Any] | None = None
+         ) -> tuple[float, Any]:
+    if before is not None:
+        before()
+    start = time.perf_counter()
+    result = engine.generate(request, GenerationConfig(max_new_tokens=1, stop_token_ids=()), strategy=strategy)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--repeat", type=int, default=None, help="timed runs per strategy (default 2, quick 2)"),
+        p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    n_chunks, chunk_tokens, query_tokens = (4, 32, 8) if quick else (8, 512, 32)
+    repeat = args.repeat or 2
+    report = Report("ttft", quick=quick, out=args.out)
+
+    t0 = time.perf_counter()
+    model = build_model(quick)
+    adapter = ModelAdapter(model, None, start_token_id=model.config.bos_token_id, model_id="bench-random-init")
+    build_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size - 16
+    chunks = [torch.randint(16, vocab, (chunk_tokens,), generator=gen).tolist() for _ in range(n_chunks)]
+    query = torch.randint(16, vocab, (query_tokens,), generator=gen).tolist()
+    request = PrepareRequest(query=query, chunks=chunks)
+    report.setup = {"model": ("random-init, tiny Qwen2 shape" if quick else "random-init, Qwen2.5-0.5B shape") + ", bf16",
+                    "chunks": n_chunks, "chunk_tokens": chunk_tokens, "query_tokens": query_tokens,
+                    "prompt_tokens": 1 + n_chunks * chunk_tokens + query_tokens, "repeat": repeat,
+                    "threads": torch.get_num_threads(), "model_build_s": round(build_s, 1),
+                    "ttft": "prepare + first token (generate with max_new_tokens=1)"}
+
+    host = ContextEngine(adapter, HostTier(HostConfig()))
+    warm = host.warm(chunks)
+    report.setup["warm_seconds"] = round(warm.seconds, 2)
+
+    rows: list[list[Any]] = []
+    times: dict[str, float] = {}
+
+    def measure(name: str, engine: ContextEngine, strategy: Any, before: Callable[[], Any] | None = None,
+                runs: int = repeat, tier: str = "host", warmup: bool = True) -> float:
+        samples, result = [], None
+        if warmup:
+            ttft(engine, request, strategy, before)
+        for _ in range(runs):
+            seconds, result = ttft(engine, request, strategy, before)
+            samples.append(seconds)
+        times[name] = median(samples)
+        hits = sum(1 for c in result.chunks if c.hit)
+        print(f"  {name}: {times[name]:.3f} s (runs {[round(s, 3) for s in samples]})", flush=True)
+        rows.append([name, tier, times[name], None, hits, result.strategy])
+        return times[name]
+
+    # the reference first, then everything else, then the reference again (the machine is shared and noisy)
+    measure("full", host, "full", runs=1, warmup=quick)
+    measure("prefix_repeat_prompt", host, "prefix")  # the warm-up run fills the prefix cache
+    measure("reuse", host, "reuse")
+    for ratio in (0.05, 0.15, 0.30):
+        measure(f"blend_{ratio:.2f}", host, host.strategy("blend", BlendConfig(ratio=ratio)))
+    measure("compress_tokens_0.5", host, host.strategy("compress", CompressConfig(keep_ratio=0.5)))
+    measure("auto", host, "auto")
+
+    disk_ok = DiskTier.get is not Tier.get and hasattr(os, "posix_fadvise")
+    if disk_ok:
+        with tempfile.TemporaryDirectory(prefix="ragkv-ttft-") as tmp:
+            path = str(Path(tmp) / "kv")
+            disk = ContextEngine(adapter, DiskTier(DiskConfig(path=path, fsync=True)),
+                                 EngineConfig(promote_after_load=False))
+            disk.warm(chunks)
+            disk.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request))[0])
+            measure("blend_0.15_disk", disk, disk.strategy("blend", BlendConfig(ratio=0.15)),
+                    before=lambda: drop_dir_from_page_cache(path), tier="disk (page cache dropped)")
+            disk.store.close()
+    else:
+        report.note("disk tier not available in this checkout: blend_0.15_disk_vs_full not measured")
+    full_again = measure("full_again", host, "full", runs=1, warmup=False)
+    full = min(times["full"], full_again)  # the least disturbed reference run
+    for row in rows:
+        row[3] = row[2] / full
+    report.table("TTFT per strategy (ratio = TTFT / full prefill in the same run)",
+                 ["strategy", "tier", "ttft_s", "vs_full", "chunk_hits", "ran_as"], rows)
+
+    def ratio_of(name: str) -> float:
+        return round(times[name] / full, 4)
+
+    report.figure("full_prefill_seconds", round(full, 3))
+    report.figure("reuse_vs_full", ratio_of("reuse"))
+    report.figure("blend_0.05_vs_full", ratio_of("blend_0.05"))
+    report.figure("blend_0.15_vs_full", ratio_of("blend_0.15"))
+    report.figure("blend_0.30_vs_full", ratio_of("blend_0.30"))
+    report.figure("repeat_prompt_vs_full", ratio_of("prefix_repeat_prompt"))
+    report.figure("compress_vs_full", ratio_of("compress_tokens_0.5"))
+    report.figure("auto_vs_full", ratio_of("auto"))
+    if disk_ok:
+        report.figure("blend_0.15_disk_vs_full", ratio_of("blend_0.15_disk"))
+    report.note("blend_0.15_redis_vs_full not measured: this scenario starts no Redis server")
+    report.note(f"full prefill runs: first {times['full']:.2f} s, last {full_again:.2f} s; ratios use the smaller")
+    report.write()
+
+
+if __name__ == "__main__":
+    main()
