@@ -17,5 +17,12 @@ from ragkv.codecs.base import (
     register_codec,
 )
 from ragkv.codecs import raw as _raw  # noqa: F401  (registers "raw")
+from ragkv.codecs import zstd as _zstd  # noqa: F401  (registers "zstd")
+from ragkv.codecs import quant as _quant  # noqa: F401  (registers "quant")
+from ragkv.codecs import cachegen as _cachegen  # noqa: F401  (registers "cachegen")
+from ragkv.codecs.support import decode_workers, set_decode_workers
 
-__all__ = ["Codec", "CodecError", "CodecParams", "available_codecs", "get_codec", "register_codec"]
+__all__ = [
+    "Codec", "CodecError", "CodecParams", "available_codecs", "decode_workers", "get_codec", "register_codec",
+    "set_decode_workers",
+]

@@ -1,0 +1,283 @@
+"""The ``cachegen`` codec: CacheGen-style per-token quantization and ANS coding with constriction.
+
+Quantization (per layer, keys and values apart, each viewed as ``[T, C]`` with C = heads * head_dim):
+one scale per token ``s_t = max_c |x[t, c]|`` (stored as fp16 rounded up, or fp32 for a layer whose
+magnitudes do not fit fp16), ``M = bins // 2 - 1``, symbol ``q = round(x * M / s_t) + M`` in
+``0 .. 2M``, decoded as ``(q - M) * s_t / M``. The error is at most half a step, ``s_t / (2M)``.
+
+Bins per layer (``layer_bins``): CacheGen's public table for 32-layer models, with the layer groups
+scaled to the model's depth (shallow layers get more bins: their errors propagate through the whole
+network). Key groups end at 10/32 and 20/32 of the depth, value groups at 2/32 (rounded up, so a
+24-layer model gets key groups 0-7, 8-14, 15-23 and value groups 0-1, 2-23):
+
+    level 1: keys 16 / 16 / 12, values 16 / 12   (smallest)
+    level 2: keys 32 / 16 / 16, values 32 / 16   (the middle level, the default)
+    level 3: keys 32 / 32 / 32, values 32 / 32   (best quality)
+
+Symbols are entropy coded per (K/V, layer, channel) distribution in independent blocks of at most
+256 tokens (see ``cachegen_stream``). Decoding shares the (layer, K/V) sections between the calling
+process and ``decode_workers() - 1`` helper processes (see ``decode_pool``); with one worker, or for
+small payloads, everything runs in-process.
+
+Layer payload: a header ``<BBBBH>`` (format version, scale format, key bins, value bins,
+block tokens), then the keys' section and the values' section.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from ragkv.codecs.base import DTYPE_NAMES, DTYPES, Codec, CodecError, CodecParams, check_shape, register_codec
+from ragkv.codecs.cachegen_stream import (
+    MAX_BLOCK_TOKENS,
+    SectionPlan,
+    decode_section,
+    encode_section,
+    parse_section,
+    section_end,
+)
+from ragkv.codecs.decode_pool import PoolBroken, TaskFailed, get_pool
+from ragkv.codecs.support import (
+    SCALE_FP16,
+    SCALE_FP32,
+    as_float32,
+    check_finite,
+    decode_workers,
+    require_constriction,
+    round_to_format,
+    scale_bytes,
+    scale_format,
+    scratch_float32,
+    scratch_numpy,
+    write_float32,
+)
+
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<BBBBH")
+
+# level -> (key bins for the shallow / middle / deep group, value bins for the shallow / other group)
+LEVEL_BINS: dict[int, tuple[tuple[int, int, int], tuple[int, int]]] = {
+    1: ((16, 16, 12), (16, 12)),
+    2: ((32, 16, 16), (32, 16)),
+    3: ((32, 32, 32), (32, 32)),
+}
+MIDDLE_LEVEL = 2
+# group boundaries as fractions of the depth (CacheGen's public code: layers 10 and 20 of 32 for keys,
+# layer 2 of 32 for values)
+KEY_GROUP_ENDS = ((10, 32), (20, 32))
+VALUE_GROUP_END = (2, 32)
+
+# below this many symbols a decode stays in-process: the round trip to helpers costs more than it saves
+POOL_MIN_SYMBOLS = 1 << 17
+
+
+def _ceil_frac(num_layers: int, frac: tuple[int, int]) -> int:
+    return -(-num_layers * frac[0] // frac[1])
+
+
+def layer_bins(level: int, layer: int, num_layers: int) -> tuple[int, int]:
+    """(key bins, value bins) for ``layer`` of a ``num_layers``-deep model at ``level``."""
+    if level not in LEVEL_BINS:
+        raise CodecError(f"cachegen level must be one of {sorted(LEVEL_BINS)}, got {level!r}")
+    key_bins, value_bins = LEVEL_BINS[level]
+    k1, k2 = (_ceil_frac(num_layers, f) for f in KEY_GROUP_ENDS)
+    v1 = _ceil_frac(num_layers, VALUE_GROUP_END)
+    k = key_bins[0] if layer < k1 else key_bins[1] if layer < k2 else key_bins[2]
+    v = value_bins[0] if layer < v1 else value_bins[1]
+    return k, v
+
+
+def half_range(bins: int) -> int:
+    """M: symbols run over 0 .. 2M for ``bins`` bins."""
+    return bins // 2 - 1
+
+
+@dataclass(frozen=True)
+class CacheGenParams(CodecParams):
+    level: int = MIDDLE_LEVEL
+    block_tokens: int = MAX_BLOCK_TOKENS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.level, bool) or self.level not in LEVEL_BINS:
+            raise CodecError(f"cachegen level must be one of {sorted(LEVEL_BINS)}, got {self.level!r}")
+        if (not isinstance(self.block_tokens, int) or isinstance(self.block_tokens, bool)
+                or not 1 <= self.block_tokens <= MAX_BLOCK_TOKENS):
+            raise CodecError(f"cachegen block_tokens must be an integer in 1..{MAX_BLOCK_TOKENS}, "
+                             f"got {self.block_tokens!r}")
+
+
+class _Unit(NamedTuple):
+    """One (layer, K/V) section to decode: where it is, where its symbols go, how to dequantize."""
+
+    plan: SectionPlan
+    out_offset: int
+    half_range: int
+
+
+class _LayerPlan(NamedTuple):
+    units: tuple[_Unit, _Unit]
+    scales: tuple[np.ndarray, np.ndarray]
+
+
+def decode_unit_task(payload: memoryview, out: np.ndarray, spec: Sequence[_Unit], unit: int) -> None:
+    """Decode one unit's symbols into the shared buffer (run by helpers and by the caller alike)."""
+    u = spec[unit]
+    size = u.plan.tokens * u.plan.channels
+    decode_section(payload, u.plan, out[u.out_offset:u.out_offset + size].reshape(u.plan.tokens, u.plan.channels),
+                   f"cachegen unit {unit}")
+
+
+@register_codec
+class CacheGenCodec(Codec):
+    name = "cachegen"
+    params_class = CacheGenParams
+    lossless = False
+
+    params: CacheGenParams
+
+    def __init__(self, params: CodecParams | None = None) -> None:
+        super().__init__(params)
+        require_constriction()
+
+    def bins(self, layer: int, num_layers: int) -> tuple[int, int]:
+        return layer_bins(self.params.level, layer, num_layers)
+
+    # -- encode ------------------------------------------------------------------------------------------
+    def encode_layer(self, layer: torch.Tensor, layer_index: int, num_layers: int) -> bytes:
+        # layer: [2, H, T, D] -> x: [2, T, C] float32 (C = H * D, channel = head * D + d)
+        _, heads, tokens, dim = layer.shape
+        channels = heads * dim
+        bins = self.bins(layer_index, num_layers)
+        x = as_float32(layer.permute(0, 2, 1, 3), "cachegen_x").reshape(2, tokens, channels)
+        check_finite(x, self.name)
+        peak = np.abs(x).max(axis=2) if tokens and channels else np.zeros((2, tokens), np.float32)  # [2, T]
+        peak_t = torch.from_numpy(peak)
+        fmt = scale_format(peak_t)
+        scales = round_to_format(peak_t, fmt, 1)
+        if fmt == SCALE_FP16 and bool(torch.isinf(scales).any()):
+            fmt, scales = SCALE_FP32, peak_t
+        parts = [_HEADER.pack(FORMAT_VERSION, fmt, bins[0], bins[1], self.params.block_tokens)]
+        for kind in (0, 1):
+            m = half_range(bins[kind])
+            s = scales[kind].numpy()
+            with np.errstate(divide="ignore"):
+                inv = np.where(s > 0, np.float32(m) / s, np.float32(0)).astype(np.float32)
+            q = np.multiply(x[kind], inv[:, None])
+            np.rint(q, out=q)
+            q += m
+            np.clip(q, 0, 2 * m, out=q)
+            parts.append(encode_section(q.astype(np.uint8), 2 * m + 1, self.params.block_tokens,
+                                        scale_bytes(scales[kind], fmt), 2 if fmt == SCALE_FP16 else 4))
+        return b"".join(parts)
+
+    # -- decode ------------------------------------------------------------------------------------------
+    def _plan_layer(self, view: memoryview, start: int, end: int, layer_index: int, num_layers: int,
+                    heads: int, tokens: int, dim: int, out_offset: int, dtype: torch.dtype) -> _LayerPlan:
+        what = f"cachegen layer {layer_index}"
+        limit = torch.finfo(dtype).max  # the encoder's scales are magnitudes of values of this dtype
+        if end - start < _HEADER.size:
+            raise CodecError(f"{what}: {end - start} bytes, shorter than its header")
+        version, fmt, key_bins, value_bins, block = _HEADER.unpack_from(view, start)
+        if version != FORMAT_VERSION:
+            raise CodecError(f"{what}: format version {version}, expected {FORMAT_VERSION}")
+        if (key_bins, value_bins) != self.bins(layer_index, num_layers) or block != self.params.block_tokens:
+            raise CodecError(f"{what}: bins {key_bins}/{value_bins} and block {block} do not match the codec "
+                             f"parameters {self.params} for a {num_layers}-layer model")
+        if fmt not in (SCALE_FP16, SCALE_FP32):
+            raise CodecError(f"{what}: unknown scale format {fmt}")
+        pos = start + _HEADER.size
+        channels = heads * dim
+        units, scales = [], []
+        for kind, bins in enumerate((key_bins, value_bins)):
+            m = half_range(bins)
+            plan, s = parse_section(view, pos, end, tokens, channels, 2 * m + 1, block, fmt,
+                                    f"{what} {'keys' if kind == 0 else 'values'}")
+            if tokens and float(s.max()) > limit:
+                raise CodecError(f"{what}: a stored token scale exceeds the range of {dtype}")
+            units.append(_Unit(plan, out_offset + kind * tokens * channels, m))
+            scales.append(s)
+            pos = section_end(plan)
+        if pos != end:
+            raise CodecError(f"{what}: {end - pos} unexpected trailing bytes")
+        return _LayerPlan((units[0], units[1]), (scales[0], scales[1]))
+
+    def decode_layer(self, data, shape, dtype, layer_index, num_layers, out) -> None:
+        _, heads, tokens, dim = shape
+        view = memoryview(data).cast("B")
+        lp = self._plan_layer(view, 0, len(view), layer_index, num_layers, heads, tokens, dim, 0, dtype)
+        symbols = scratch_numpy("cachegen_symbols", 2 * tokens * heads * dim)
+        for kind in (0, 1):
+            decode_unit_task(view, symbols, lp.units, kind)
+            _dequantize(symbols, lp.units[kind], lp.scales[kind], heads, dim, out[kind])
+
+    def decode_layers(self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype,
+                      layers: Sequence[int]) -> torch.Tensor:
+        num_layers, _, heads, tokens, dim = check_shape(shape)
+        if dtype not in DTYPE_NAMES:
+            raise CodecError(f"unsupported dtype {dtype}; allowed: {sorted(DTYPES)}")
+        layers = list(layers)
+        if any(not isinstance(i, int) or not 0 <= i < num_layers for i in layers):
+            raise CodecError(f"layer indices {layers} out of range for {num_layers} layers")
+        view = memoryview(payload).cast("B")
+        self._layer_views(view, num_layers)  # validates the layer table
+        table = struct.unpack_from(f"<{num_layers + 1}Q", view, 0)
+        base = 8 * (num_layers + 1)
+        per_unit = tokens * heads * dim
+        plans = [self._plan_layer(view, base + table[i], base + table[i + 1], i, num_layers, heads, tokens, dim,
+                                  2 * j * per_unit, dtype) for j, i in enumerate(layers)]
+        # every requested layer is validated: only now allocate what the declared shape implies
+        out = torch.empty((len(layers), 2, heads, tokens, dim), dtype=dtype)
+        units = [u for lp in plans for u in lp.units]
+        scales = [s for lp in plans for s in lp.scales]
+
+        def finished(symbols: np.ndarray, unit: int) -> None:
+            _dequantize(symbols, units[unit], scales[unit], heads, dim, out[unit // 2, unit % 2])
+
+        workers = decode_workers()
+        total = len(units) * per_unit
+        if workers > 1 and total >= POOL_MIN_SYMBOLS and len(units) > 1:
+            try:
+                pool = get_pool(min(workers, len(units)) - 1)
+                with pool.lock:
+                    pool.run("cachegen_decode_unit", view, total, units, len(units),
+                             lambda buf, symbols, unit: decode_unit_task(buf, symbols, units, unit), finished)
+                return out
+            except TaskFailed as exc:
+                if exc.codec_error:
+                    raise CodecError(str(exc)) from None
+                raise
+            except PoolBroken:
+                pass  # decode in-process below
+        symbols = scratch_numpy("cachegen_symbols", total)
+        for unit in range(len(units)):
+            decode_unit_task(view, symbols, units, unit)
+            finished(symbols, unit)
+        return out
+
+
+def _dequantize(symbols: np.ndarray, unit: _Unit, scales: np.ndarray, heads: int, dim: int,
+                out: torch.Tensor) -> None:
+    """uint8 symbols of one unit -> ``out`` [H, T, D]: (q - M) * s_t / M, in float32, on this thread."""
+    tokens, channels = unit.plan.tokens, unit.plan.channels
+    if tokens == 0 or channels == 0:
+        return
+    q = symbols[unit.out_offset:unit.out_offset + tokens * channels].reshape(tokens, channels)
+    f = scratch_float32("cachegen_dequant", (tokens, channels))
+    m = unit.half_range
+    np.subtract(q, np.float32(m), out=f, dtype=np.float32)
+    np.multiply(f, (scales / np.float32(m))[:, None], out=f)
+    write_float32(out, f.reshape(tokens, heads, dim).transpose(1, 0, 2), dim=1)
+
+
+def level_summary(num_layers: int) -> dict[int, dict[str, list[int]]]:
+    """Per level, the key and value bins of every layer (for documentation and the benchmark)."""
+    return {level: {"key_bins": [layer_bins(level, i, num_layers)[0] for i in range(num_layers)],
+                    "value_bins": [layer_bins(level, i, num_layers)[1] for i in range(num_layers)]}
+            for level in sorted(LEVEL_BINS)}
+
+
+__all__ = ["CacheGenCodec", "CacheGenParams", "LEVEL_BINS", "layer_bins", "level_summary"]
