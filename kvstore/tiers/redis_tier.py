@@ -1,17 +1,506 @@
-"""``redis`` tier (being written)."""
+"""``redis`` tier: container blobs in one Redis server or a Redis Cluster, the scale-out tier.
+
+Each entry is ONE Redis key, ``key_prefix + "<namespace>:<name>"``, holding the whole container blob, so a
+reader can never see a header from one write and a payload from another. Redis owns expiry (``SET ... PX``)
+and eviction (its own ``maxmemory-policy``): ``capacity_bytes`` is not enforced here, and ``pin`` is
+``PERSIST``.
+
+A cache that is down must cost no more than a miss. Backend errors are translated at this boundary into
+``TierUnavailable`` and then into the miss: ``get`` -> None, ``put`` -> dropped (counted in
+``stats.errors``), ``delete``/``contains`` -> False, ``keys`` -> empty. A circuit breaker stops us from
+paying a connect or read timeout on every request while the server is away.
+
+redis-py is imported only when a ``RedisTier`` is built, so ``ragkv.kvstore`` loads without the extra.
+"""
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from ragkv.kvstore.tiers.base import Tier, TierConfig
+from ragkv.kvstore.chunk import ChunkKV, check_key, check_namespace
+from ragkv.kvstore.container import decode_entry, encode_entry, read_header, with_expiry
+from ragkv.kvstore.errors import ConfigError, CorruptEntry, TierUnavailable
+from ragkv.kvstore.policy import ExponentialBackoff
+from ragkv.kvstore.tiers.base import Tier, TierConfig, expiry_time, register_tier
+from ragkv.kvstore.tiers.redis_breaker import CircuitBreaker
+from ragkv.kvstore.tiers.redis_client import (
+    RedisAddress,
+    close_client,
+    import_redis,
+    make_client,
+    parse_redis_url,
+    redact_url,
+)
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REDIS_MAX_VALUE_BYTES = 512 * 2**20  # Redis' own limit for one string (proto-max-bulk-len)
+_KEY_PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:{}/")
+_BATCH_KEYS = 256  # commands per pipeline round trip
+_BATCH_BYTES = 64 * 2**20  # bytes of values per put pipeline, so put_many never buffers unbounded memory
+_SCAN_COUNT = 1000
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _integer_in(value: object, low: int, high: int | None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
 
 
 @dataclass(frozen=True)
 class RedisConfig(TierConfig):
+    """Where the Redis tier lives and how impatient it is.
+
+    ``url``: ``redis://[user:password@]host:port/db`` for one server, or
+    ``redis+cluster://[user:password@]host:port[,host:port...]`` for a Redis Cluster (startup nodes).
+    ``breaker_failures`` consecutive failures open the circuit for ``breaker_backoff_base_s`` seconds,
+    doubling per failed trial up to ``breaker_backoff_cap_s``. Values larger than ``max_value_bytes`` are
+    not stored here (slower tiers may still take them). ``capacity_bytes`` is accepted for uniformity but
+    not enforced: Redis evicts by its own ``maxmemory`` policy.
+    """
+
     url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "ragkv:"
+    socket_timeout_s: float = 2.0
+    connect_timeout_s: float = 0.5
+    default_ttl_s: float | None = None
+    breaker_failures: int = 3
+    breaker_backoff_base_s: float = 0.5
+    breaker_backoff_cap_s: float = 30.0
+    max_value_bytes: int = REDIS_MAX_VALUE_BYTES
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_redis_url(self.url)  # raises ConfigError naming the accepted forms
+        if (not isinstance(self.key_prefix, str) or len(self.key_prefix) > 64
+                or not set(self.key_prefix) <= _KEY_PREFIX_CHARS):
+            # No glob characters: the prefix is used verbatim in SCAN MATCH patterns.
+            raise ConfigError(
+                f"key_prefix must be up to 64 characters of [A-Za-z0-9._:{{}}/-], got {self.key_prefix!r}"
+            )
+        for name in ("socket_timeout_s", "connect_timeout_s", "breaker_backoff_base_s"):
+            if not _positive_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
+        cap_s = self.breaker_backoff_cap_s
+        if not _positive_number(cap_s) or cap_s < self.breaker_backoff_base_s:
+            raise ConfigError(f"breaker_backoff_cap_s must be >= breaker_backoff_base_s "
+                              f"({self.breaker_backoff_base_s}), got {self.breaker_backoff_cap_s!r}")
+        if self.default_ttl_s is not None and not _positive_number(self.default_ttl_s):
+            raise ConfigError(f"default_ttl_s must be None (no expiry) or seconds > 0, "
+                              f"got {self.default_ttl_s!r}")
+        if not _integer_in(self.breaker_failures, 1, None):
+            raise ConfigError(f"breaker_failures must be an integer >= 1, got {self.breaker_failures!r}")
+        if not _integer_in(self.max_value_bytes, 1, REDIS_MAX_VALUE_BYTES):
+            raise ConfigError(f"max_value_bytes must be an integer in [1, {REDIS_MAX_VALUE_BYTES}] "
+                              f"(Redis' limit for one string), got {self.max_value_bytes!r}")
+
+    @property
+    def address(self) -> RedisAddress:
+        return parse_redis_url(self.url)
 
 
+@register_tier
 class RedisTier(Tier):
+    """Container blobs in Redis / Redis Cluster; a down server is a miss, never an exception.
+
+    ``used_bytes`` is cheap and approximate on purpose: the bytes this process wrote and has not deleted
+    (a key seen missing on read is forgotten). Redis-side expiry and eviction, and other writers, are not
+    seen; ask Redis (``INFO memory``) for the truth. TTLs are Redis' (``PX``), set from ``ttl_s`` or
+    ``default_ttl_s``; the blob header carries the same ``expires_at`` so it survives a move to another
+    tier, but here Redis alone decides expiry (a pinned key keeps serving although its header may still
+    name a time). Batched operations are pipelined (per node on a cluster; redis-py routes each command by
+    slot).
+    """
+
     kind = "redis"
     config_class = RedisConfig
     holds_encoded = True
+    config: RedisConfig
+
+    def __init__(self, config: RedisConfig) -> None:
+        super().__init__(config)
+        self._redis = import_redis()
+        exceptions = self._redis.exceptions
+        # Errors that say "the backend is not there": they feed the breaker. ClusterDownError is also a
+        # ResponseError, so this tuple is checked first.
+        self._unreachable: tuple[type[BaseException], ...] = (
+            exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError,
+            exceptions.RedisClusterException, OSError,
+        )
+        # Any other RedisError: the server answered, but refused (OOM, READONLY, ...).
+        self._refused: type[BaseException] = exceptions.RedisError
+        self._address = config.address
+        self._prefix = config.key_prefix
+        self._client: Any = None
+        self._connect_lock = threading.Lock()  # not self._lock: building a cluster client can take a while
+        self._closed = False
+        self._sizes: dict[str, int] = {}
+        self._used = 0
+        self._breaker = CircuitBreaker(
+            f"redis tier {redact_url(config.url)}",
+            config.breaker_failures,
+            ExponentialBackoff(config.breaker_backoff_base_s, config.breaker_backoff_cap_s),
+            logger=_log,
+        )
+
+    # -- connection and the error boundary ---------------------------------------------------------------
+    def _connect(self) -> Any:
+        """Build the client on first use: a RedisCluster connects while it is constructed, and a tier
+        pointed at a server that is down at start-up must still construct (and miss)."""
+        with self._connect_lock:
+            if self._client is None:
+                self._client = make_client(self._redis, self._address, self.config.socket_timeout_s,
+                                           self.config.connect_timeout_s)
+            return self._client
+
+    def _run(self, op: str, action: Callable[[Any], T]) -> T:
+        """Run one backend call under the breaker; every backend failure leaves as ``TierUnavailable``."""
+        if self._closed:
+            raise TierUnavailable(f"redis tier is closed; {op} skipped")
+        if not self._breaker.allow():
+            raise TierUnavailable(f"redis circuit is open; {op} skipped")
+        settled = False
+        try:
+            result = action(self._connect())
+            self._breaker.record_success()
+            settled = True
+            return result
+        except self._unreachable as exc:
+            self._breaker.record_failure(exc)
+            settled = True
+            raise TierUnavailable(f"redis {op} failed: {exc}") from exc
+        except self._refused as exc:
+            self._breaker.record_success()  # it answered: reachable, just unwilling
+            settled = True
+            raise TierUnavailable(f"redis {op} refused: {exc}") from exc
+        finally:
+            if not settled:
+                self._breaker.release()
+
+    def _rkey(self, key: str) -> str:
+        return self._prefix + key
+
+    def _batches(self, keys: Sequence[str], sizes: Sequence[int] | None = None) -> list[list[int]]:
+        """Index groups to pipeline: bounded in keys (and bytes), and on a cluster one master each, so a
+        dead master costs the keys it owns and not the whole batch."""
+        groups: dict[str, list[int]] = {}
+        client = self._client
+        for i, key in enumerate(keys):
+            node = ""
+            if self._address.cluster and client is not None:
+                try:
+                    node = client.get_node_from_key(self._rkey(key)).name  # the cached slot map: no I/O
+                except self._redis.exceptions.RedisClusterException:
+                    node = ""  # slot not in the map yet: the cluster pipeline routes it
+            groups.setdefault(node, []).append(i)
+        batches: list[list[int]] = []
+        for indexes in groups.values():
+            batch: list[int] = []
+            nbytes = 0
+            for i in indexes:
+                batch.append(i)
+                nbytes += sizes[i] if sizes is not None else 0
+                if len(batch) >= _BATCH_KEYS or nbytes >= _BATCH_BYTES:
+                    batches.append(batch)
+                    batch, nbytes = [], 0
+            if batch:
+                batches.append(batch)
+        return batches
+
+    def _pipelined(
+        self, op: str, keys: Sequence[str], command: Callable[[Any, int], Any],
+        sizes: Sequence[int] | None = None,
+    ) -> list[tuple[list[int], list[Any] | None]]:
+        """Run ``command(pipe, index)`` for every key, batch by batch; a batch that fails is (indexes, None)
+        and counts one error per key."""
+        results: list[tuple[list[int], list[Any] | None]] = []
+        for batch in self._batches(keys, sizes):
+            def run(client: Any, batch: list[int] = batch) -> list[Any]:
+                if len(batch) == 1:
+                    return [command(client, batch[0])]
+                pipe = client.pipeline(transaction=False)
+                for i in batch:
+                    command(pipe, i)
+                return list(pipe.execute())
+
+            try:
+                results.append((batch, self._run(op, run)))
+            except TierUnavailable as exc:
+                _log.debug("%s", exc)
+                self.stats.add(errors=len(batch))
+                results.append((batch, None))
+        return results
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def _remember(self, key: str, nbytes: int) -> None:
+        with self._lock:
+            self._used += nbytes - self._sizes.get(key, 0)
+            self._sizes[key] = nbytes
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._used -= self._sizes.pop(key, 0)
+
+    def _ttl_for(self, key: str, ttl_s: float | None) -> float | None:
+        if key in self._pinned:
+            return None  # pinned entries never expire
+        return ttl_s if ttl_s is not None else self.config.default_ttl_s
+
+    # -- reads -------------------------------------------------------------------------------------------
+    def _fetch(self, key: str) -> bytes | None:
+        rkey = self._rkey(key)
+        try:
+            return self._run("get", lambda client: client.get(rkey))
+        except TierUnavailable as exc:
+            _log.debug("%s", exc)
+            self.stats.add(errors=1)
+            return None
+
+    def _fetch_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        rkeys = [self._rkey(k) for k in keys]
+        blobs: list[bytes | None] = [None] * len(keys)
+        for batch, replies in self._pipelined("get_many", keys, lambda pipe, i: pipe.get(rkeys[i])):
+            for i, blob in zip(batch, replies or [None] * len(batch), strict=True):
+                blobs[i] = blob
+        return blobs
+
+    def _accept_chunk(self, key: str, blob: bytes | None) -> ChunkKV | None:
+        if blob is None:
+            self._forget(key)
+            self.stats.add(misses=1)
+            return None
+        try:
+            _, chunk = decode_entry(blob)
+        except CorruptEntry as exc:
+            self._discard_corrupt(key, exc)
+            return None
+        self.stats.add(hits=1, bytes_out=len(blob))
+        return chunk
+
+    def _accept_blob(self, key: str, blob: bytes | None) -> bytes | None:
+        if blob is None:
+            self._forget(key)
+            self.stats.add(misses=1)
+            return None
+        try:
+            read_header(blob)  # framing, sizes, checksum and header; the next reader decodes the payload
+        except CorruptEntry as exc:
+            self._discard_corrupt(key, exc)
+            return None
+        self.stats.add(hits=1, bytes_out=len(blob))
+        return blob
+
+    def _discard_corrupt(self, key: str, exc: CorruptEntry) -> None:
+        """A blob that fails validation is deleted and reported as a miss. (Should another writer replace
+        it between our GET and this DEL, we delete a good entry: a later miss, never wrong data.)"""
+        _log.warning("redis tier: corrupt entry %r deleted (%s)", key, exc)
+        self.stats.add(corrupt=1, misses=1)
+        self._forget(key)
+        rkey = self._rkey(key)
+        try:
+            self._run("delete", lambda client: client.delete(rkey))
+        except TierUnavailable as unavailable:
+            _log.debug("%s", unavailable)
+            self.stats.add(errors=1)
+
+    def get(self, key: str) -> ChunkKV | None:
+        check_key(key)
+        with self.stats.timed("get"):
+            return self._accept_chunk(key, self._fetch(key))
+
+    def get_blob(self, key: str) -> bytes | None:
+        check_key(key)
+        with self.stats.timed("get"):
+            return self._accept_blob(key, self._fetch(key))
+
+    def get_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
+        keys = [check_key(k) for k in keys]
+        with self.stats.timed("get"):  # one sample per call: the pipeline is one round trip per batch
+            blobs = self._fetch_many(keys)
+            return [self._accept_chunk(k, b) for k, b in zip(keys, blobs, strict=True)]
+
+    def get_many_blobs(self, keys: Sequence[str]) -> list[bytes | None]:
+        keys = [check_key(k) for k in keys]
+        with self.stats.timed("get"):
+            blobs = self._fetch_many(keys)
+            return [self._accept_blob(k, b) for k, b in zip(keys, blobs, strict=True)]
+
+    def contains(self, key: str) -> bool:
+        rkey = self._rkey(check_key(key))
+        try:
+            return bool(self._run("contains", lambda client: client.exists(rkey)))
+        except TierUnavailable as exc:
+            _log.debug("%s", exc)
+            self.stats.add(errors=1)
+            return False
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        keys = [check_key(k) for k in keys]
+        rkeys = [self._rkey(k) for k in keys]
+        found = [False] * len(keys)
+        # One key per EXISTS: a multi-key EXISTS must not span cluster slots.
+        for batch, replies in self._pipelined("contains_many", keys, lambda pipe, i: pipe.exists(rkeys[i])):
+            for i, n in zip(batch, replies or [0] * len(batch), strict=True):
+                found[i] = bool(n)
+        return found
+
+    def keys(self, namespace: str | None = None) -> Iterator[str]:
+        """Store keys under our prefix (one namespace, or all), by SCAN on every master of a cluster.
+
+        Collected eagerly so a connection lost half-way is a short answer here, not an exception raised
+        later in the caller's loop.
+        """
+        pattern = self._prefix + ("*" if namespace is None else check_namespace(namespace) + ":*")
+        cluster = self._address.cluster
+
+        def scan(client: Any) -> list[bytes]:
+            if cluster:
+                return list(client.scan_iter(match=pattern, count=_SCAN_COUNT,
+                                             target_nodes=self._redis.cluster.RedisCluster.PRIMARIES))
+            return list(client.scan_iter(match=pattern, count=_SCAN_COUNT))
+
+        try:
+            raw = self._run("keys", scan)
+        except TierUnavailable as exc:
+            _log.debug("%s", exc)
+            self.stats.add(errors=1)
+            return iter(())
+        prefix = self._prefix.encode()
+        found: list[str] = []
+        for rkey in dict.fromkeys(raw):  # SCAN may return a key twice
+            if not rkey.startswith(prefix):
+                continue
+            try:
+                found.append(check_key(rkey[len(prefix):].decode("ascii")))
+            except (UnicodeDecodeError, ConfigError):
+                continue  # someone else's key under our prefix
+        return iter(found)
+
+    # -- writes ------------------------------------------------------------------------------------------
+    def _store_many(self, entries: Sequence[tuple[str, bytes, float | None]]) -> None:
+        """SET each (key, blob, ttl) with ``PX``; a batch that fails is dropped and counted in errors."""
+        fitting: list[tuple[str, bytes, float | None]] = []
+        for key, blob, ttl_s in entries:
+            if len(blob) > self.config.max_value_bytes:
+                _log.debug("redis tier: %r is %d bytes > max_value_bytes; not stored", key, len(blob))
+                self.stats.add(evictions=1)
+            else:
+                fitting.append((key, blob, ttl_s))
+
+        def set_one(pipe: Any, i: int) -> Any:
+            key, blob, ttl_s = fitting[i]
+            return pipe.set(self._rkey(key), blob, px=_ttl_ms(ttl_s))
+
+        keys = [key for key, _, _ in fitting]
+        sizes = [len(blob) for _, blob, _ in fitting]
+        for batch, replies in self._pipelined("put", keys, set_one, sizes):
+            if replies is None:
+                continue  # a cache write that fails is a future miss, not the caller's problem
+            self.stats.add(puts=len(batch), bytes_in=sum(sizes[i] for i in batch))
+            for i in batch:
+                self._remember(keys[i], sizes[i])
+
+    def _encoded(self, key: str, chunk: ChunkKV, ttl_s: float | None) -> tuple[str, bytes, float | None]:
+        ttl = self._ttl_for(key, ttl_s)
+        return key, encode_entry(chunk, self.codec, expiry_time(ttl)), ttl
+
+    def put(self, key: str, chunk: ChunkKV, ttl_s: float | None = None) -> None:
+        check_key(key)
+        with self.stats.timed("put"):
+            self._store_many([self._encoded(key, chunk, ttl_s)])
+
+    def put_many(self, items: Iterable[tuple[str, ChunkKV]], ttl_s: float | None = None) -> None:
+        with self.stats.timed("put"):
+            self._store_many([self._encoded(check_key(k), c, ttl_s) for k, c in items])
+
+    def put_blob(self, key: str, blob: bytes, ttl_s: float | None = None) -> None:
+        """Store a container blob as is. An invalid blob raises ``CorruptEntry``: that is the caller's bug,
+        not a backend failure. Without ``ttl_s`` the blob keeps the expiry its header carries."""
+        check_key(key)
+        header = read_header(blob)
+        now = time.time()
+        if key in self._pinned:
+            ttl, expires_at = None, None
+        elif ttl_s is not None:
+            expires_at = expiry_time(ttl_s)
+            ttl = ttl_s
+        elif header.expires_at is not None:
+            ttl, expires_at = header.expires_at - now, header.expires_at
+            if ttl <= 0:
+                self.stats.add(expired=1)
+                return
+        else:
+            ttl = self.config.default_ttl_s
+            expires_at = expiry_time(ttl)
+        data = bytes(blob) if header.expires_at == expires_at else with_expiry(blob, expires_at)
+        with self.stats.timed("put"):
+            self._store_many([(key, data, ttl)])
+
+    def delete(self, key: str) -> bool:
+        check_key(key)
+        rkey = self._rkey(key)
+        self._forget(key)
+        try:
+            removed = bool(self._run("delete", lambda client: client.delete(rkey)))
+        except TierUnavailable as exc:
+            _log.debug("%s", exc)
+            self.stats.add(errors=1)
+            return False
+        if removed:
+            self.stats.add(deletes=1)
+        return removed
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = [check_key(k) for k in keys]
+        rkeys = [self._rkey(k) for k in keys]
+        for key in keys:
+            self._forget(key)
+        removed = 0
+        for _, replies in self._pipelined("delete_many", keys, lambda pipe, i: pipe.delete(rkeys[i])):
+            removed += sum(int(n) for n in replies or [])
+        self.stats.add(deletes=removed)
+        return removed
+
+    def pin(self, key: str) -> None:
+        """Pinned entries never expire: ``PERSIST`` now, and later puts of the key carry no TTL. (Redis'
+        own maxmemory eviction can still remove it; use a ``volatile-*`` policy to spare persistent keys.)"""
+        super().pin(key)
+        rkey = self._rkey(key)
+        try:
+            self._run("pin", lambda client: client.persist(rkey))
+        except TierUnavailable as exc:
+            _log.debug("%s", exc)
+            self.stats.add(errors=1)
+
+    # -- misc --------------------------------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "url": redact_url(self.config.url), "circuit": self._breaker.state}
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._breaker
+
+    def close(self) -> None:
+        """Close every pooled connection (each node's pool on a cluster). Later operations are misses."""
+        with self._connect_lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            close_client(client, self._address.cluster)
+
+
+def _ttl_ms(ttl_s: float | None) -> int | None:
+    return None if ttl_s is None else max(1, int(ttl_s * 1000))
