@@ -20,9 +20,11 @@ from ragkv.codecs import raw as _raw  # noqa: F401  (registers "raw")
 from ragkv.codecs import zstd as _zstd  # noqa: F401  (registers "zstd")
 from ragkv.codecs import quant as _quant  # noqa: F401  (registers "quant")
 from ragkv.codecs import cachegen as _cachegen  # noqa: F401  (registers "cachegen")
+from ragkv.codecs.cachegen import start_decode_pool
+from ragkv.codecs.decode_pool import shutdown_pool as stop_decode_pool
 from ragkv.codecs.support import decode_workers, set_decode_workers
 
 __all__ = [
     "Codec", "CodecError", "CodecParams", "available_codecs", "decode_workers", "get_codec", "register_codec",
-    "set_decode_workers",
+    "set_decode_workers", "start_decode_pool", "stop_decode_pool",
 ]

@@ -239,9 +239,11 @@ class CacheGenCodec(Codec):
 
         workers = decode_workers()
         total = len(units) * per_unit
+        pool = None
         if workers > 1 and total >= POOL_MIN_SYMBOLS and len(units) > 1:
+            pool = get_pool(workers - 1, wait=False)
+        if pool is not None:
             try:
-                pool = get_pool(min(workers, len(units)) - 1)
                 with pool.lock:
                     pool.run("cachegen_decode_unit", view, total, units, len(units),
                              lambda buf, symbols, unit: decode_unit_task(buf, symbols, units, unit), finished)
@@ -251,7 +253,7 @@ class CacheGenCodec(Codec):
                     raise CodecError(str(exc)) from None
                 raise
             except PoolBroken:
-                pass  # decode in-process below
+                pass  # decode in-process below (the next call starts a fresh pool)
         symbols = scratch_numpy("cachegen_symbols", total)
         for unit in range(len(units)):
             decode_unit_task(view, symbols, units, unit)
@@ -270,7 +272,16 @@ def _dequantize(symbols: np.ndarray, unit: _Unit, scales: np.ndarray, heads: int
     m = unit.half_range
     np.subtract(q, np.float32(m), out=f, dtype=np.float32)
     np.multiply(f, (scales / np.float32(m))[:, None], out=f)
-    write_float32(out, f.reshape(tokens, heads, dim).transpose(1, 0, 2), dim=1)
+    write_float32(out, f.reshape(tokens, heads, dim).transpose(1, 0, 2))
+
+
+def start_decode_pool(wait: bool = True) -> bool:
+    """Start the decode helpers now (each takes a second or more to import torch) rather than in the
+    background on the first large decode; returns whether a pool is ready. No-op with one worker."""
+    workers = decode_workers()
+    if workers <= 1:
+        return False
+    return get_pool(workers - 1, wait=wait) is not None
 
 
 def level_summary(num_layers: int) -> dict[int, dict[str, list[int]]]:
@@ -280,4 +291,4 @@ def level_summary(num_layers: int) -> dict[int, dict[str, list[int]]]:
             for level in sorted(LEVEL_BINS)}
 
 
-__all__ = ["CacheGenCodec", "CacheGenParams", "LEVEL_BINS", "layer_bins", "level_summary"]
+__all__ = ["CacheGenCodec", "CacheGenParams", "LEVEL_BINS", "layer_bins", "level_summary", "start_decode_pool"]

@@ -96,7 +96,10 @@ class _Mapping:
 
     def close(self) -> None:
         if self.map is not None:
-            self.map.close()
+            try:
+                self.map.close()
+            except BufferError:
+                pass  # views still exported (closing from inside a call): freed once they are released
             self.map = None
 
 
@@ -304,29 +307,61 @@ class DecodePool:
 
 
 _pool: DecodePool | None = None
+_starting: threading.Thread | None = None
+_failed_at = float("-inf")
 _pool_lock = threading.Lock()
+RETRY_AFTER_S = 60.0
 
 
-def get_pool(helpers: int) -> DecodePool:
-    """The shared pool with ``helpers`` helper processes (created, or re-created, on demand)."""
-    global _pool
+def _start(helpers: int) -> None:
+    global _pool, _starting, _failed_at
+    try:
+        pool = DecodePool(helpers)
+    except PoolBroken:
+        with _pool_lock:
+            _failed_at = time.monotonic()
+            _starting = None
+        return
+    with _pool_lock:
+        _pool, _starting = pool, None
+
+
+def get_pool(helpers: int, wait: bool = True) -> DecodePool | None:
+    """The shared pool with ``helpers`` helper processes, created (or re-created) on demand.
+
+    Starting helpers takes a second or more (each imports torch), so with ``wait=False`` a pool that
+    is not ready yet is started in the background and None is returned: the caller decodes in-process
+    meanwhile instead of stalling. A pool that failed to start is retried after ``RETRY_AFTER_S``.
+    """
+    global _pool, _starting
     with _pool_lock:
         if _pool is not None and (_pool.broken or _pool.helpers != helpers or _pool.pid != os.getpid()):
-            if _pool.pid == os.getpid():
-                with _pool.lock:
-                    _pool.close()
-            _pool = None
-        if _pool is None:
-            _pool = DecodePool(helpers)
-        return _pool
+            old, _pool = _pool, None
+            if old.pid == os.getpid():
+                with old.lock:
+                    old.close()
+        if _pool is None and _starting is None and time.monotonic() - _failed_at > RETRY_AFTER_S:
+            _starting = threading.Thread(target=_start, args=(helpers,), name="ragkv-decode-pool-start",
+                                         daemon=True)
+            _starting.start()
+        pool, starting = _pool, _starting
+    if pool is None and wait and starting is not None:
+        starting.join()
+        with _pool_lock:
+            pool = _pool
+    return pool
 
 
 def shutdown_pool() -> None:
     """Stop the helper processes (also run at interpreter exit)."""
     global _pool
+    starting = _starting
+    if starting is not None:
+        starting.join()
     with _pool_lock:
         if _pool is not None and _pool.pid == os.getpid():
-            _pool.close()
+            with _pool.lock:
+                _pool.close()
         _pool = None
 
 

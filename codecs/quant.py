@@ -193,13 +193,13 @@ class QuantCodec(ValidatingCodec):
         kg4 = kbuf.reshape(heads, groups, kg, dim)
         np.multiply(kg4, k_scale.reshape(heads, groups, 1, dim), out=kg4)
         np.add(kg4, k_off.reshape(heads, groups, 1, dim), out=kg4)
-        write_float32(out[0], kbuf[:, :tokens], dim=1)
+        write_float32(out[0], kbuf[:, :tokens])
         # values: per (head, token) scale and offset
         vbuf = scratch_float32("quant_v", (heads, tokens, dim))
         _unpack_into(v_codes, n, bits, vbuf.reshape(-1))
         np.multiply(vbuf, v_scale.reshape(heads, tokens, 1), out=vbuf)
         np.add(vbuf, v_off.reshape(heads, tokens, 1), out=vbuf)
-        write_float32(out[1], vbuf, dim=1)
+        write_float32(out[1], vbuf)
 
 
 def _ranges_to_stored(k_min: np.ndarray, k_max: np.ndarray, v_min: np.ndarray, v_max: np.ndarray,

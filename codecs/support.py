@@ -143,17 +143,20 @@ def scratch_tensor(name: str, shape: Sequence[int], dtype: torch.dtype) -> torch
 SERIAL_GRAIN = 32767
 
 
-def copy_serial(dst: torch.Tensor, src: torch.Tensor, dim: int = 0) -> None:
-    """``dst.copy_(src)`` (casting as needed) in slices along ``dim`` small enough to stay on this thread."""
-    n = dst.shape[dim] if dst.dim() else 1
-    if dst.dim() == 0 or dst.numel() <= SERIAL_GRAIN or n <= 1:
+def copy_serial(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (casting as needed) in slices small enough to stay on this thread."""
+    if dst.dim() == 0 or dst.numel() <= SERIAL_GRAIN:
         dst.copy_(src)
         return
+    n = dst.shape[0]
     per = dst.numel() // n
-    step = max(1, SERIAL_GRAIN // max(per, 1))
+    if per > SERIAL_GRAIN:
+        for i in range(n):
+            copy_serial(dst[i], src[i])
+        return
+    step = SERIAL_GRAIN // per
     for i in range(0, n, step):
-        k = min(step, n - i)
-        dst.narrow(dim, i, k).copy_(src.narrow(dim, i, k))
+        dst[i:i + step].copy_(src[i:i + step])
 
 
 def as_float32(x: torch.Tensor, name: str) -> np.ndarray:
@@ -167,9 +170,9 @@ def as_float32(x: torch.Tensor, name: str) -> np.ndarray:
     return out
 
 
-def write_float32(dst: torch.Tensor, src: np.ndarray, dim: int = 0) -> None:
+def write_float32(dst: torch.Tensor, src: np.ndarray) -> None:
     """Cast float32 ``src`` (same shape as ``dst``, any strides) into ``dst``, serially."""
-    copy_serial(dst, torch.from_numpy(src) if src.flags.writeable else torch.from_numpy(src.copy()), dim)
+    copy_serial(dst, torch.from_numpy(src) if src.flags.writeable else torch.from_numpy(src.copy()))
 
 
 # -- payload reading -------------------------------------------------------------------------------------
