@@ -24,6 +24,7 @@ try:
     from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
     from langchain_core.retrievers import BaseRetriever
+    from langchain_core.utils import from_env, secret_from_env
     from pydantic import ConfigDict, Field, SecretStr
 except ImportError as exc:
     raise ImportError("the LangChain integration needs langchain-core: pip install 'ragkv[langchain]'") from exc
@@ -108,8 +109,10 @@ class ChatRagkv(BaseChatModel):
 
     backend: Any = Field(default=None, description="LocalBackend/HttpBackend; or give base_url (+ api_key)")
     model_name: str = Field(default="ragkv", alias="model")
-    base_url: str | None = Field(default=None, description="A ragkv service, when no backend is given")
-    api_key: SecretStr | None = Field(default=None)
+    base_url: str | None = Field(default_factory=from_env("RAGKV_URL", default=None),
+                                 description="A ragkv service, when no backend is given (env RAGKV_URL)")
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("RAGKV_API_KEY", default=None),
+                                      description="Its API key (env RAGKV_API_KEY)")
     temperature: float | None = Field(default=None, ge=0, description="0 or None: greedy")
     max_tokens: int | None = Field(default=64, ge=1)
     top_p: float | None = None
@@ -183,9 +186,12 @@ class ChatRagkv(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _final_chunk(self, answer: Answer) -> ChatGenerationChunk:
+        extra: dict[str, Any] = {}
+        if "chunk_position" in AIMessageChunk.model_fields:  # langchain-core >= 1.0 marks the end of a stream
+            extra["chunk_position"] = "last"
         return ChatGenerationChunk(message=AIMessageChunk(
             content="", response_metadata=self._metadata(answer, self.model_name),
-            usage_metadata=self._usage(answer)))  # type: ignore[arg-type]
+            usage_metadata=self._usage(answer), **extra))  # type: ignore[arg-type]
 
     # -- the four entry points ----------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,

@@ -1,0 +1,78 @@
+"""Model selection (bundled when its files exist, labelled stand-in otherwise, local directories) and the
+sample corpus (package data identical to the generator's output)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragkv.integrations import models
+from ragkv.integrations.sample_corpus import SAMPLE_SIZE, load_sample_corpus
+from ragkv.kvstore import ConfigError
+
+
+def test_package_data_matches_the_generator() -> None:
+    generated = load_sample_corpus(prefer_generator=True)
+    packaged = load_sample_corpus(prefer_generator=False)
+    if generated.source != "generator":
+        pytest.skip("bench/quality_corpus.py is not in this checkout")
+    assert packaged.source == "package data" and len(packaged.questions) == SAMPLE_SIZE
+    assert packaged.questions == generated.questions and packaged.vocabulary == generated.vocabulary
+
+
+def test_sample_corpus_is_covered_by_its_vocabulary(sample: Any) -> None:
+    words = set(sample.vocabulary)
+    for q in sample.questions:
+        assert set(" ".join(q.chunks).split()) <= words and set(q.question.split()) <= words
+        assert q.answer in words and q.kind in ("inside", "cross")
+    assert len(sample.documents()) == len({c for q in sample.questions for c in q.chunks})
+
+
+def test_random_stand_in_is_labelled_and_deterministic(tiny_loaded: Any) -> None:
+    assert tiny_loaded.info.kind == models.KIND_RANDOM and "random" in tiny_loaded.info.label
+    again = models.build_random_model(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128, max_positions=1024,
+                                      seed=1)
+    a = models.make_adapter(tiny_loaded)
+    b = models.make_adapter(again)
+    assert a.fingerprint == b.fingerprint  # a restart reuses what it cached on disk
+    ids = tiny_loaded.tokenizer("Q k12 ?", add_special_tokens=False)["input_ids"]
+    assert tiny_loaded.tokenizer.unk_token_id not in ids
+
+
+def test_default_switches_to_the_bundled_model_once_its_files_exist(tmp_path: Path, tiny_loaded: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    bundled = tmp_path / "bundled_model"
+    monkeypatch.setattr(models, "bundled_model_dir", lambda: bundled)
+    assert models.load_default_model().info.kind == models.KIND_RANDOM
+    bundled.mkdir()
+    tiny_loaded.model.save_pretrained(bundled)
+    assert models.load_default_model().info.kind == models.KIND_RANDOM  # no tokenizer yet: not complete
+    tiny_loaded.tokenizer.save_pretrained(bundled)
+    loaded = models.load_default_model()
+    assert loaded.info.kind == models.KIND_BUNDLED and loaded.info.path == str(bundled.resolve())
+    assert models.make_adapter(loaded).fingerprint == models.make_adapter(tiny_loaded).fingerprint
+
+
+def test_local_model_directory(tmp_path: Path, tiny_loaded: Any) -> None:
+    tiny_loaded.model.save_pretrained(tmp_path / "m")
+    tiny_loaded.tokenizer.save_pretrained(tmp_path / "m")
+    loaded = models.load_model(tmp_path / "m")
+    assert loaded.info.kind == models.KIND_LOCAL and loaded.info.name == "m"
+    with pytest.raises(ConfigError, match="config.json"):
+        models.load_model(tmp_path / "nothing")
+
+
+def test_models_without_bos_chunk_behind_eos(tiny_loaded: Any) -> None:
+    from ragkv.integrations.models import LoadedModel, make_adapter, word_tokenizer
+
+    tokenizer = word_tokenizer(["<bos>", "<eos>", "<pad>", "<unk>", "a"])
+    tokenizer.bos_token = None
+    model = tiny_loaded.model
+    old = model.config.bos_token_id
+    model.config.bos_token_id = None
+    try:
+        adapter = make_adapter(LoadedModel(model, tokenizer, tiny_loaded.info))
+        assert adapter.start_token_id == tokenizer.eos_token_id
+    finally:
+        model.config.bos_token_id = old
