@@ -1,0 +1,475 @@
+"""Codecs: size, speed and error of every codec and level on real-shaped KV, beside peers in the same run.
+
+KV sources (each figure says which it is on):
+
+- ``random-init``: a random-initialised Qwen2.5-0.5B-shaped model (24 layers, hidden 896, 14 heads,
+  2 KV heads, head_dim 64), one forward over 1024 random token ids. Random weights give near-Gaussian
+  KV without the outlier channels and token-to-token structure real KV has, so entropy coding has
+  less to exploit than it would on a trained model.
+- ``trained``: ragkv's own trained small model (``middleware/bundled_model``, from the quality issue)
+  over a context from the synthetic QA corpus, when that model is present (``--model-dir``).
+
+Per codec and level: bytes vs fp16 and vs int8 (quant bits=8), bits per element, encode and decode
+MB/s (MB = 10**6 bytes of fp16-equivalent KV) on 1 and 2 threads/processes, max and mean absolute
+reconstruction error. Peers: zstd on fp16, int8+zstd, int4, and transformers' own quantized KV cache
+(quanto, HQQ and FP8 backends; quanto and HQQ are measured when importable). Also: how cachegen's decode
+scales with threads vs processes, and whether CacheGen's delta coding against anchor tokens helps.
+
+    python bench/codecs.py            # full run (minutes)
+    python bench/codecs.py --quick    # tiny sizes, for the smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from harness import Report, parse_args, time_call
+from ragkv.codecs import get_codec, set_decode_workers, start_decode_pool, stop_decode_pool
+from ragkv.codecs.cachegen import half_range, layer_bins, level_summary
+from ragkv.codecs.cachegen_stream import encode_section
+from ragkv.codecs.support import thread_map
+
+MB = 1e6
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL_DIR = REPO_ROOT / "middleware" / "bundled_model"
+
+# (label, codec name, params); the int8 row is the baseline of the "vs int8" column
+SUITE: list[tuple[str, str, dict[str, Any]]] = [
+    ("raw fp16", "raw", {}),
+    ("zstd-3 fp16", "zstd", {"level": 3, "shuffle": False}),
+    ("zstd-3 fp16 byte-shuffled", "zstd", {"level": 3, "shuffle": True}),
+    ("int8 (KIVI)", "quant", {"bits": 8}),
+    ("int8 (KIVI) + zstd-3", "quant", {"bits": 8, "zstd_level": 3}),
+    ("int4 (KIVI)", "quant", {"bits": 4}),
+    ("int4 (KIVI) + zstd-3", "quant", {"bits": 4, "zstd_level": 3}),
+    ("cachegen level 1", "cachegen", {"level": 1}),
+    ("cachegen level 2 (mid)", "cachegen", {"level": 2}),
+    ("cachegen level 3", "cachegen", {"level": 3}),
+]
+INT8_LABEL = "int8 (KIVI)"
+MID_LABEL = "cachegen level 2 (mid)"
+
+
+# -- KV sources ------------------------------------------------------------------------------------------
+
+
+def kv_from_cache(cache: Any) -> torch.Tensor:
+    """transformers 5.x DynamicCache -> kv [L, 2, H, T, D] (batch 0)."""
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+
+
+def random_init_kv(quick: bool, tokens: int) -> tuple[torch.Tensor, str]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if quick:
+        config = Qwen2Config(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=256, vocab_size=1000)
+        tokens = 64
+        what = "random-init tiny Qwen2 (2 layers, hidden 128, 2 KV heads, head_dim 32), 64 random tokens"
+    else:
+        config = Qwen2Config(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                             intermediate_size=4864, vocab_size=32000, max_position_embeddings=32768,
+                             tie_word_embeddings=True)
+        what = f"random-init Qwen2.5-0.5B shape (24 layers, hidden 896, 14 heads, 2 KV heads, head_dim 64), " \
+               f"{tokens} random tokens"
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    return kv_from_cache(out.past_key_values).to(torch.float16).contiguous(), what
+
+
+def _load_script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def trained_kv(model_dir: Path, tokens: int) -> tuple[torch.Tensor, str] | None:
+    """KV of the bundled trained model over a corpus context, or None when the model is not there."""
+    if not (model_dir / "config.json").exists():
+        return None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    limit = min(tokens, getattr(model.config, "max_position_embeddings", tokens))
+    ids: list[int] = []
+    source = "random token ids"
+    try:
+        corpus = _load_script("quality_corpus")
+        examples = corpus.generate_examples(64, 12345)
+        for example in examples:
+            ids.extend(tokenizer(" ".join(corpus.prompt_words(example)), add_special_tokens=False)["input_ids"])
+            if len(ids) >= limit:
+                break
+        source = "synthetic QA corpus contexts"
+    except Exception as exc:  # noqa: BLE001 - the corpus belongs to another scenario; fall back, say so
+        print(f"note: corpus unavailable ({exc}); using random token ids for the trained model")
+    if len(ids) < limit:
+        ids = torch.randint(0, model.config.vocab_size, (limit,), generator=torch.Generator().manual_seed(2)).tolist()
+        source = "random token ids"
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids[:limit]]), use_cache=True)
+    kv = kv_from_cache(out.past_key_values).to(torch.float16).contiguous()
+    c = model.config
+    what = (f"trained bundled model ({c.num_hidden_layers} layers, {getattr(c, 'num_key_value_heads', '?')} KV heads, "
+            f"head_dim {kv.shape[-1]}), {kv.shape[3]} tokens of {source}")
+    return kv, what
+
+
+# -- measurements ----------------------------------------------------------------------------------------
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    set_decode_workers(n)
+    if n > 1:
+        start_decode_pool(wait=True)
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    """(median, best) seconds."""
+    times = time_call(fn, repeat=repeat, warmup=1)
+    return statistics.median(times), min(times)
+
+
+def errors(out: torch.Tensor, kv: torch.Tensor) -> tuple[float, float]:
+    err = (out.float() - kv.float()).abs()
+    return float(err.max()), float(err.mean())
+
+
+def measure_codec(kv: torch.Tensor, name: str, params: dict[str, Any], repeat: int) -> dict[str, Any]:
+    codec = get_codec(name, params)
+    shape, dtype = tuple(kv.shape), kv.dtype
+    fp16_bytes = kv.numel() * 2
+    result: dict[str, Any] = {}
+    payload = codec.encode(kv)
+    for threads in (1, 2):
+        set_threads(threads)
+        enc_med, enc_best = timed(lambda: codec.encode(kv), repeat)
+        dec_med, dec_best = timed(lambda: codec.decode(payload, shape, dtype), repeat)
+        result[f"encode_mbps_{threads}"] = fp16_bytes / MB / enc_med
+        result[f"decode_mbps_{threads}"] = fp16_bytes / MB / dec_med
+        result[f"decode_mbps_{threads}_best"] = fp16_bytes / MB / dec_best
+    set_threads(1)
+    assert codec.encode(kv) == payload, f"{name} {params}: encoding is not deterministic"
+    out = codec.decode(payload, shape, dtype)
+    result["bytes"] = len(payload)
+    result["max_err"], result["mean_err"] = errors(out, kv)
+    return result
+
+
+# -- peers: transformers' own quantized KV cache ---------------------------------------------------------
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by a (possibly wrapped) quantized tensor: packed data, scales, zero-points."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor:
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n)) for n in names)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def transformers_peers(kv: torch.Tensor, repeat: int, quick: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """transformers' QuantizedCache layers (their own _quantize/_dequantize) on every K and V tensor."""
+    from transformers import cache_utils
+
+    notes: list[str] = []
+    candidates = [("transformers FP8 cache (e4m3, per-tensor scale)", "Fp8QuantizedLayer", {}, None)]
+    if quick:
+        return _run_peers(kv, candidates, repeat, notes + ["quick run: quanto and HQQ peers skipped"])
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
+        candidates.append(("transformers quantized cache, quanto int4 g64", "QuantoQuantizedLayer",
+                           {"nbits": 4, "q_group_size": 64, "axis_key": 0, "axis_value": 0}, 0))
+        candidates.append(("transformers quantized cache, quanto int2 g64", "QuantoQuantizedLayer",
+                           {"nbits": 2, "q_group_size": 64, "axis_key": 0, "axis_value": 0}, 0))
+    else:
+        notes.append("optimum-quanto not importable: quanto backend not measured")
+    if importlib.util.find_spec("hqq"):
+        candidates.append(("transformers quantized cache, HQQ int4 g64", "HQQQuantizedLayer",
+                           {"nbits": 4, "q_group_size": 64, "axis_key": 1, "axis_value": 1}, 1))
+    else:
+        notes.append("hqq not importable: HQQ backend not measured")
+    return _run_peers(kv, candidates, repeat, notes)
+
+
+def _run_peers(kv: torch.Tensor, candidates: list[tuple[str, str, dict[str, Any], int | None]], repeat: int,
+               notes: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    from transformers import cache_utils
+
+    rows = []
+    L = kv.shape[0]
+    tensors = [kv[i, j][None].contiguous() for i in range(L) for j in range(2)]  # [1, H, T, D] each
+    fp16_bytes = kv.numel() * 2
+    for label, cls_name, kwargs, axis in candidates:
+        cls = getattr(cache_utils, cls_name, None)
+        if cls is None:
+            notes.append(f"{cls_name} missing from this transformers: {label} not measured")
+            continue
+        try:
+            layer = cls(**kwargs)
+            if cls_name == "Fp8QuantizedLayer":
+                layer.dtype = kv.dtype
+                quantize = lambda t: layer._quantize(t)  # noqa: E731
+            else:
+                layer.keys = tensors[0]  # HQQ reads the device and dtype from here
+                layer.dtype, layer.device = kv.dtype, kv.device
+                quantize = lambda t: layer._quantize(t, axis)  # noqa: E731
+            reps = 1 if "HQQ" in label else repeat
+            encoded: list[Any] = []
+
+            def encode_all() -> None:
+                encoded[:] = [quantize(t) for t in tensors]
+
+            def decode_all() -> list[torch.Tensor]:
+                return [layer._dequantize(q) for q in encoded]
+
+            result: dict[str, Any] = {"label": label}
+            for threads in (1, 2):
+                set_threads(threads)
+                enc = timed(encode_all, reps)[0]
+                dec = timed(decode_all, reps)[0]
+                result[f"encode_mbps_{threads}"] = fp16_bytes / MB / enc
+                result[f"decode_mbps_{threads}"] = fp16_bytes / MB / dec
+            set_threads(1)
+            encode_all()
+            out = torch.stack([d[0] for d in decode_all()]).view(kv.shape).to(kv.dtype)
+            result["bytes"] = sum(tensor_bytes(q) for q in encoded)
+            result["max_err"], result["mean_err"] = errors(out, kv)
+            rows.append(result)
+        except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
+            notes.append(f"{label}: failed on CPU ({type(exc).__name__}: {exc})")
+    return rows, notes
+
+
+# -- cachegen decode: threads vs processes ---------------------------------------------------------------
+
+
+def decode_scaling(kv: torch.Tensor, repeat: int) -> list[list[Any]]:
+    """cachegen mid decode in-process, with 2 threads (constriction holds the GIL), and with the
+    process pool (caller + 1 helper sharing units through shared memory)."""
+    import ragkv.codecs.cachegen as cg
+
+    codec = get_codec("cachegen", {"level": 2})
+    payload = codec.encode(kv)
+    shape, dtype = tuple(kv.shape), kv.dtype
+    fp16_bytes = kv.numel() * 2
+    rows = []
+    set_threads(1)
+    single = timed(lambda: codec.decode(payload, shape, dtype), repeat)
+    rows.append(["1 process (in-process)", fp16_bytes / MB / single[0], fp16_bytes / MB / single[1], 1.0])
+
+    # two threads sharing the units of one decode
+    view = memoryview(payload)
+    L = shape[0]
+    table = np.frombuffer(payload, "<u8", L + 1)
+    base = 8 * (L + 1)
+    heads, tokens, dim = shape[2], shape[3], shape[4]
+    per_unit = tokens * heads * dim
+    plans = [codec._plan_layer(view, base + int(table[i]), base + int(table[i + 1]), i, L, heads, tokens, dim,
+                               2 * i * per_unit, dtype) for i in range(L)]
+    units = [u for lp in plans for u in lp.units]
+    scales = [s for lp in plans for s in lp.scales]
+    symbols = np.empty(len(units) * per_unit, np.uint8)
+    out = torch.empty(shape, dtype=dtype)
+
+    def threaded() -> None:
+        def work(j: int) -> None:
+            cg.decode_unit_task(view, symbols, units, j)
+            cg._dequantize(symbols, units[j], scales[j], heads, dim, out[j // 2, j % 2])
+        thread_map(work, len(units), workers=2)
+
+    threads = timed(threaded, repeat)
+    rows.append(["2 threads (one process)", fp16_bytes / MB / threads[0], fp16_bytes / MB / threads[1],
+                 single[0] / threads[0]])
+    set_threads(2)
+    pooled = timed(lambda: codec.decode(payload, shape, dtype), repeat)
+    rows.append(["2 processes (caller + 1 helper, shared memory)", fp16_bytes / MB / pooled[0],
+                 fp16_bytes / MB / pooled[1], single[0] / pooled[0]])
+    set_threads(1)
+    return rows
+
+
+# -- delta coding experiment -----------------------------------------------------------------------------
+
+
+def _quantize_tokens(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [T, C] float32 -> (symbols uint8, stored fp16 scales as float32, reconstruction)."""
+    peak = np.abs(x).max(axis=1)
+    s16 = peak.astype(np.float16)
+    s16 = np.where(s16.astype(np.float32) < peak, np.nextafter(s16, np.float16(np.inf)), s16)
+    s = s16.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(s > 0, m / np.where(s > 0, s, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(x * inv[:, None]) + m, 0, 2 * m).astype(np.uint8)
+    recon = (q.astype(np.float32) - m) * (s / m)[:, None]
+    return q, s, recon
+
+
+def _section_bytes(symbols: np.ndarray, nsym: int, scales: np.ndarray) -> int:
+    return len(encode_section(symbols, nsym, 256, scales.astype("<f2").tobytes(), 2))
+
+
+def delta_experiment(kv: torch.Tensor, anchor_every: int = 10) -> dict[str, float]:
+    """Bits per element of cachegen mid level coded directly vs against anchor tokens, with the same
+    bins, scales, per-channel models and streams.
+
+    - symbol delta: the same quantized symbols, non-anchor tokens coded as the difference to their
+      anchor's symbol (lossless transform: same reconstruction);
+    - value delta (the paper's scheme): anchors quantized as usual, every other token's residual against
+      its reconstructed anchor quantized with its own per-token scale (different error).
+    """
+    L = kv.shape[0]
+    x_all = kv.float().permute(0, 1, 3, 2, 4).reshape(L, 2, kv.shape[3], -1).numpy()  # [L, 2, T, C]
+    T = x_all.shape[2]
+    anchors = np.arange(T) % anchor_every == 0
+    anchor_of = (np.arange(T) // anchor_every) * anchor_every
+    direct = sym_delta = val_delta = 0
+    err_direct = err_val = 0.0
+    for i in range(L):
+        for kind in (0, 1):
+            m = half_range(layer_bins(2, i, L)[kind])
+            x = x_all[i, kind]
+            q, s, recon = _quantize_tokens(x, m)
+            direct += _section_bytes(q, 2 * m + 1, s)
+            err_direct += float(np.abs(recon - x).sum())
+            # symbol-domain delta against the anchor: values in 0 .. 4m
+            d = (q[~anchors].astype(np.int16) - q[anchor_of[~anchors]].astype(np.int16) + 2 * m).astype(np.uint8)
+            sym_delta += _section_bytes(q[anchors], 2 * m + 1, s[anchors]) + _section_bytes(d, 4 * m + 1, s[~anchors])
+            # value-domain delta against the reconstructed anchor
+            qa, sa, ra = _quantize_tokens(x[anchors], m)
+            residual = x[~anchors] - ra[np.arange(T)[~anchors] // anchor_every]
+            qr, sr, rr = _quantize_tokens(residual, m)
+            val_delta += _section_bytes(qa, 2 * m + 1, sa) + _section_bytes(qr, 2 * m + 1, sr)
+            err_val += float(np.abs(ra - x[anchors]).sum() + np.abs(rr - residual).sum())
+    n = kv.numel()
+    return {"direct_bits": 8 * direct / n, "symbol_delta_bits": 8 * sym_delta / n,
+            "value_delta_bits": 8 * val_delta / n, "direct_mean_err": err_direct / n,
+            "value_delta_mean_err": err_val / n}
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def run_source(report: Report, tag: str, kv: torch.Tensor, what: str, repeat: int, quick: bool) -> dict[str, Any]:
+    print(f"\n[{tag}] {what}: kv {tuple(kv.shape)} {kv.dtype}", flush=True)
+    n = kv.numel()
+    fp16_bytes = n * 2
+    results = {}
+    for label, name, params in SUITE:
+        results[label] = measure_codec(kv, name, params, repeat)
+        r = results[label]
+        print(f"  {label:28s} {fp16_bytes / r['bytes']:6.2f}x  dec1 {r['decode_mbps_1']:7.1f}  "
+              f"dec2 {r['decode_mbps_2']:7.1f} MB/s", flush=True)
+    peers, peer_notes = transformers_peers(kv, repeat, quick)
+    int8_bytes = results[INT8_LABEL]["bytes"]
+    columns = ["codec", "bytes", "x vs fp16", "x vs int8", "bits/elem", "enc MB/s 1t", "enc MB/s 2t",
+               "dec MB/s 1t", "dec MB/s 2t", "max err", "mean err"]
+    rows = []
+    for label, r in list(results.items()) + [(p["label"], p) for p in peers]:
+        rows.append([label, r["bytes"], fp16_bytes / r["bytes"], int8_bytes / r["bytes"], 8 * r["bytes"] / n,
+                     r["encode_mbps_1"], r["encode_mbps_2"], r["decode_mbps_1"], r["decode_mbps_2"],
+                     r["max_err"], r["mean_err"]])
+    report.table(f"[{tag}] codecs on {what}, fp16 KV {tuple(kv.shape)}; MB = 1e6 bytes of fp16-equivalent KV, "
+                 f"median of {repeat}", columns, rows)
+    for note in peer_notes:
+        report.note(f"[{tag}] {note}")
+    return {"results": results, "peers": peers, "int8_bytes": int8_bytes, "fp16_bytes": fp16_bytes, "n": n}
+
+
+def main() -> None:
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--tokens", type=int, default=1024)
+        parser.add_argument("--repeat", type=int, default=5)
+        parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR,
+                            help="trained model (HF directory) for the 'trained' KV source")
+
+    args = parse_args(__doc__.splitlines()[0], extra)
+    repeat = 1 if args.quick else args.repeat
+    report = Report("codecs", quick=args.quick, out=args.out)
+    torch.set_num_threads(1)
+
+    kv, what = random_init_kv(args.quick, args.tokens)
+    report.setup["kv_random_init"] = what
+    report.setup["kv_dtype"] = "float16"
+    report.setup["bins_per_level"] = {str(k): v for k, v in level_summary(kv.shape[0]).items()}
+    report.setup["threads"] = "1 and 2: torch.set_num_threads(n) and ragkv.codecs.set_decode_workers(n)"
+    report.setup["load_average_at_start"] = list(os.getloadavg())
+    main_run = run_source(report, "random-init", kv, what, repeat, args.quick)
+    res, int8, n = main_run["results"], main_run["int8_bytes"], main_run["n"]
+    mid = res[MID_LABEL]
+    report.figure("cachegen_mid_vs_int8", int8 / mid["bytes"])
+    report.figure("cachegen_mid_bits_per_element", 8 * mid["bytes"] / n)
+    report.figure("cachegen_decode_mbps_2threads", mid["decode_mbps_2"])
+    report.figure("cachegen_decode_mbps_1thread", mid["decode_mbps_1"])
+    report.figure("cachegen_mid_vs_fp16", main_run["fp16_bytes"] / mid["bytes"])
+    report.figure("cachegen_mid_mean_abs_error", mid["mean_err"])
+    report.figure("int8_mean_abs_error", res[INT8_LABEL]["mean_err"])
+    report.note("headline figures (cachegen_*) are on the random-init Qwen2.5-0.5B-shaped KV")
+
+    scaling = decode_scaling(kv, repeat)
+    report.table("[random-init] cachegen mid decode: threads vs processes (MB/s fp16-equivalent)",
+                 ["how", "median MB/s", "best MB/s", "speed-up (median)"], scaling)
+    report.figure("cachegen_decode_pool_speedup", scaling[2][3])
+    report.figure("cachegen_decode_threads_speedup", scaling[1][3])
+
+    delta = delta_experiment(kv)
+    report.table("[random-init] delta coding against anchor tokens (every 10), cachegen mid bins",
+                 ["scheme", "bits/elem", "mean abs err"],
+                 [["direct (shipped)", delta["direct_bits"], delta["direct_mean_err"]],
+                  ["symbol delta vs anchor (same reconstruction)", delta["symbol_delta_bits"], delta["direct_mean_err"]],
+                  ["value delta vs reconstructed anchor (paper)", delta["value_delta_bits"],
+                   delta["value_delta_mean_err"]]])
+    report.figure("delta_symbol_vs_direct_bits", delta["symbol_delta_bits"] / delta["direct_bits"])
+    report.figure("delta_value_vs_direct_bits", delta["value_delta_bits"] / delta["direct_bits"])
+
+    trained = None if args.quick else trained_kv(args.model_dir, args.tokens)
+    if trained is None:
+        report.note(f"trained-model KV not measured: no model at {args.model_dir} (the quality issue provides it)"
+                    if not args.quick else "quick run: trained-model KV skipped")
+    else:
+        tkv, twhat = trained
+        report.setup["kv_trained"] = twhat
+        trun = run_source(report, "trained", tkv, twhat, repeat, args.quick)
+        tmid = trun["results"][MID_LABEL]
+        report.figure("trained_cachegen_mid_vs_int8", trun["int8_bytes"] / tmid["bytes"])
+        report.figure("trained_cachegen_mid_bits_per_element", 8 * tmid["bytes"] / trun["n"])
+        report.figure("trained_cachegen_decode_mbps_2threads", tmid["decode_mbps_2"])
+        tdelta = delta_experiment(tkv)
+        report.table("[trained] delta coding against anchor tokens (every 10), cachegen mid bins",
+                     ["scheme", "bits/elem", "mean abs err"],
+                     [["direct (shipped)", tdelta["direct_bits"], tdelta["direct_mean_err"]],
+                      ["symbol delta vs anchor", tdelta["symbol_delta_bits"], tdelta["direct_mean_err"]],
+                      ["value delta vs reconstructed anchor", tdelta["value_delta_bits"],
+                       tdelta["value_delta_mean_err"]]])
+        report.figure("trained_delta_symbol_vs_direct_bits", tdelta["symbol_delta_bits"] / tdelta["direct_bits"])
+        report.figure("trained_delta_value_vs_direct_bits", tdelta["value_delta_bits"] / tdelta["direct_bits"])
+    stop_decode_pool()
+    report.setup["load_average_at_end"] = list(os.getloadavg())
+    report.write()
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"took {time.perf_counter() - start:.0f} s")
