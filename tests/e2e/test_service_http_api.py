@@ -1,0 +1,177 @@
+"""The REST service over real HTTP: chunks, warm, generate (JSON and SSE), chat completions, observability."""
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from ragkv.kvstore import read_header
+
+
+def _texts(n: int = 3) -> list[str]:
+    tag = uuid.uuid4().int % 50  # fresh texts per test, so first requests are cold
+    return [f"k{(tag + i) % 64} v{(tag * 3 + i) % 64} ; the k{(tag + 7 * i + 1) % 64} v{i} ; see" for i in range(n)]
+
+
+def _sse(text: str) -> list[tuple[str, Any]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        name, data = "message", []
+        for line in block.splitlines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        raw = "\n".join(data)
+        events.append((name, raw if raw == "[DONE]" else json.loads(raw)))
+    return events
+
+
+def test_health_and_schema_are_public(service: Any) -> None:
+    with service.client(None) as anonymous:
+        health = anonymous.get("/healthz").json()
+        assert health["status"] == "ok" and health["auth"] is True and health["model"]["kind"] == "random-init"
+        assert "random" in health["model"]["label"]
+        paths = anonymous.get("/openapi.json").json()["paths"]
+    for path in ("/v1/chunks/{key}", "/v1/chunks/lookup", "/v1/warm", "/v1/generate", "/v1/chat/completions",
+                 "/v1/stats", "/healthz", "/metrics", "/"):
+        assert path in paths
+    assert {"get", "put", "head", "delete"} <= set(paths["/v1/chunks/{key}"])
+
+
+def test_warm_then_generate_hits_and_reports_the_ttft_split(alice: httpx.Client) -> None:
+    texts = _texts()
+    warm = alice.post("/v1/warm", json={"texts": texts}).json()
+    assert warm["namespace"] == "alice" and warm["computed"] == 3 and len(warm["keys"]) == 3
+    assert alice.post("/v1/warm", json={"texts": texts}).json()["already_cached"] == 3
+    body = {"query": "Q k1 ?", "documents": texts, "max_new_tokens": 4}
+    out = alice.post("/v1/generate", json=body).json()
+    assert [d["hit"] for d in out["documents"]] == [True] * 3 and {d["tier"] for d in out["documents"]} == {"host"}
+    assert [d["key"] for d in out["documents"]] == warm["keys"] and out["strategy"] == "blend"
+    assert out["ttft_ms"] > 0 and {"prepare", "first_token", "ttft"} <= set(out["timings_ms"])
+    assert out["usage"]["completion_tokens"] >= 1 and out["model"]
+    by_key = alice.post("/v1/generate", json={**body, "documents": [{"key": k} for k in warm["keys"]]}).json()
+    assert by_key["answer"] == out["answer"] and all(d["hit"] for d in by_key["documents"])
+    full = alice.post("/v1/generate", json={**body, "strategy": "full"}).json()
+    assert full["strategy"] == "full" and not any(d["hit"] for d in full["documents"])
+
+
+def test_cold_documents_are_computed_stored_and_hit_next_time(alice: httpx.Client) -> None:
+    body = {"query": "Q k2 ?", "documents": [{"text": t} for t in _texts(2)], "max_new_tokens": 2,
+            "strategy": "reuse"}
+    first = alice.post("/v1/generate", json=body).json()
+    assert [d["source"] for d in first["documents"]] == ["computed", "computed"]
+    second = alice.post("/v1/generate", json=body).json()
+    assert all(d["hit"] for d in second["documents"])
+
+
+def test_streaming_generate_is_server_sent_events(alice: httpx.Client) -> None:
+    body = {"query": "Q k3 ?", "documents": _texts(2), "max_new_tokens": 6, "stream": True}
+    response = alice.post("/v1/generate", json=body)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = _sse(response.text)
+    assert events[-1][0] == "done" and all(name == "token" for name, _ in events[:-1])
+    assert "".join(data["text"] for _, data in events[:-1]) == events[-1][1]["answer"]
+    plain = alice.post("/v1/generate", json={**body, "stream": False}).json()
+    assert plain["answer"] == events[-1][1]["answer"]
+
+
+def test_chat_completions_openai_shape_and_stream(alice: httpx.Client) -> None:
+    docs = _texts(2)
+    body = {"model": "anything", "messages": [{"role": "system", "content": "the"},
+                                              {"role": "user", "content": [{"type": "text", "text": "Q k4 ?"}]}],
+            "documents": docs, "max_tokens": 5, "temperature": 0, "user": "ignored-field"}
+    out = alice.post("/v1/chat/completions", json=body).json()
+    assert out["object"] == "chat.completion" and out["model"] == "anything"
+    choice = out["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+    assert len(out["ragkv"]["documents"]) == 2
+    stream = alice.post("/v1/chat/completions", json={**body, "stream": True})
+    events = _sse(stream.text)
+    assert events[-1][1] == "[DONE]"
+    chunks = [data for _, data in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == choice["message"]["content"] and chunks[-1]["choices"][0]["finish_reason"] is not None
+
+
+def test_chunk_blob_round_trip(alice: httpx.Client) -> None:
+    key = alice.post("/v1/warm", json={"texts": _texts(1)}).json()["keys"][0]
+    got = alice.get(f"/v1/chunks/{key}")
+    assert got.status_code == 200 and got.headers["content-type"] == "application/octet-stream"
+    assert int(got.headers["content-length"]) == len(got.content)
+    header = read_header(got.content)
+    head = alice.head(f"/v1/chunks/{key}")
+    assert head.status_code == 200 and head.headers["x-ragkv-tier"] == "host"
+    assert int(head.headers["content-length"]) == len(got.content)
+    copy = f"alice:copy-{uuid.uuid4().hex[:8]}"
+    put = alice.put(f"/v1/chunks/{copy}", content=got.content, headers={"content-type": "application/octet-stream"},
+                    params={"ttl_s": 3600})
+    assert put.status_code == 201 and put.json()["tokens"] == len(header.meta.token_ids)
+    assert read_header(alice.get(f"/v1/chunks/{copy}").content).meta == header.meta
+    looked = alice.post("/v1/chunks/lookup", json={"keys": [key, copy, "alice:absent"]}).json()["results"]
+    assert [(r["present"], r["tier"]) for r in looked] == [(True, "host"), (True, "host"), (False, None)]
+    assert alice.delete(f"/v1/chunks/{copy}").status_code == 204
+    assert alice.get(f"/v1/chunks/{copy}").status_code == 404
+    assert alice.head(f"/v1/chunks/{copy}").status_code == 404
+    assert alice.delete(f"/v1/chunks/{copy}").status_code == 404
+
+
+def test_large_chunk_streams_with_content_length(service: Any, alice: httpx.Client) -> None:
+    import torch
+
+    from ragkv.codecs import get_codec
+    from ragkv.kvstore import ChunkKV, ChunkMeta, encode_entry
+
+    kv = torch.randn(4, 2, 4, 600, 64).to(torch.float16)  # [L, 2, H, T, D]: 2.4 MB, more than one slice
+    blob = encode_entry(ChunkKV(kv, ChunkMeta("other-model", tuple(range(600)), position=1)), get_codec("raw"))
+    key = f"alice:big-{uuid.uuid4().hex[:8]}"
+    assert alice.put(f"/v1/chunks/{key}", content=blob, headers={"content-type": "application/octet-stream"}
+                     ).status_code == 201
+    with alice.stream("GET", f"/v1/chunks/{key}") as response:
+        assert int(response.headers["content-length"]) == len(blob)
+        pieces = list(response.iter_bytes())
+    assert b"".join(pieces) == blob
+
+
+def test_stats_metrics_and_status_page(service: Any, alice: httpx.Client) -> None:
+    alice.post("/v1/generate", json={"query": "Q k5 ?", "documents": _texts(1), "max_new_tokens": 1})
+    stats = alice.get("/v1/stats").json()
+    assert stats["tenant"] == "alice" and stats["namespace"] == "alice"
+    assert set(stats["store"]["tiers"]) == {"host", "disk"} and stats["service"]["answers"] >= 1
+    with service.client(None) as anonymous:
+        metrics = anonymous.get("/metrics")
+        page = anonymous.get("/")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "ragkv_http_requests_total{" in metrics.text and "ragkv_ttft_seconds_bucket{" in metrics.text
+    assert 'ragkv_tier_used_bytes{tier="host"}' in metrics.text
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for figure in ("fig-hit-rates", "fig-tier-usage", "fig-ttft"):
+        assert f'id="{figure}"' in page.text
+    assert "sk-alice" not in page.text and "alice" not in page.text  # aggregates only
+
+
+def test_chunk_traffic_flows_while_a_generation_runs(alice: httpx.Client, service: Any) -> None:
+    key = alice.post("/v1/warm", json={"texts": _texts(1)}).json()["keys"][0]
+    with ThreadPoolExecutor(9) as pool:
+        gen = pool.submit(alice.post, "/v1/generate", json={"query": "Q k6 ?", "documents": _texts(4),
+                                                          "max_new_tokens": 32})
+        gets = [pool.submit(alice.get, f"/v1/chunks/{key}") for _ in range(16)]
+        assert all(g.result().status_code == 200 for g in gets)
+        assert gen.result().status_code == 200
+
+
+def test_unmatched_traffic_does_not_grow_state(service: Any, alice: httpx.Client) -> None:
+    metrics = service.state.metrics
+    for i in range(150):
+        alice.get(f"/nope/{uuid.uuid4().hex}")
+        alice.get(f"/v1/chunks/alice:{uuid.uuid4().hex}")
+    before = (len(metrics.requests), len(metrics.durations))
+    for i in range(150):
+        alice.get(f"/nope/{uuid.uuid4().hex}/{i}")
+        alice.get(f"/v1/chunks/alice:{uuid.uuid4().hex}")
+    assert (len(metrics.requests), len(metrics.durations)) == before
