@@ -327,8 +327,9 @@ def create_app(state: ServiceState) -> FastAPI:
                                "description": "JSON, or server-sent events (token, done) when stream is true"},
                          **_errors(401, 403, 404, 413, 415, 422, 429)})
     async def generate(body: GenerateRequest, tenant: Tenant = Depends(_tenant)) -> Any:
+        max_new = body.max_new_tokens or min(64, limits.max_new_tokens)
         request = answer_request(tenant, body, body.query, body.system, documents(body.documents),
-                                 options(body, body.max_new_tokens, body.stop))
+                                 options(body, max_new, body.stop))
         check = await checked(request)
         if body.stream:
             return StreamingResponse(stream_answer(

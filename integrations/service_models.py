@@ -96,7 +96,8 @@ class GenerateRequest(GenerationFields):
     query: str = Field(min_length=1, max_length=MAX_SCHEMA_TEXT)
     documents: list[DocumentField] = Field(default_factory=list, max_length=MAX_SCHEMA_ITEMS)
     system: str | None = Field(default=None, max_length=MAX_SCHEMA_TEXT)
-    max_new_tokens: int = Field(default=64, ge=1, le=100_000)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=100_000,
+                                       description="Default: 64, or the server's limit when lower")
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = Field(default=False, description="Stream tokens as server-sent events")
 

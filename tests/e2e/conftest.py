@@ -24,6 +24,8 @@ LIMITS = {"max_chunk_bytes": 4 << 20, "max_json_bytes": 256 << 10, "max_document
 class Service:
     url: str
     state: Any
+    keys: dict[str, str]
+    limits: dict[str, int]
 
     def client(self, tenant: str | None = "alice", **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
@@ -52,7 +54,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     state = ServiceState(runtime=runtime, registry=registry, limits=ServiceLimits(**LIMITS))
     server = ServiceThread(create_app(state)).start()
     try:
-        yield Service(server.url, state)
+        yield Service(server.url, state, dict(KEYS), dict(LIMITS))
     finally:
         server.stop()
         runtime.close()
