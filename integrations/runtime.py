@@ -43,9 +43,14 @@ class Document:
             raise ConfigError("a document has exactly one of text or key")
 
 
+MIN_SAMPLING_TEMPERATURE = 0.01
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Decoding options as the doors receive them; ``temperature`` 0 or None means greedy."""
+    """Decoding options as the doors receive them. ``temperature`` None, 0, or below 0.01 means greedy:
+    sampling at such temperatures is greedy in all but name, and far below it (1e-300) the scaled logits
+    overflow to inf and the sampler fails."""
 
     max_new_tokens: int = 64
     temperature: float | None = None
@@ -57,7 +62,7 @@ class GenerationOptions:
     def to_config(self) -> Any:
         from ragkv.middleware.generation import GenerationConfig
 
-        sample = self.temperature is not None and self.temperature > 0
+        sample = self.temperature is not None and self.temperature >= MIN_SAMPLING_TEMPERATURE
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=sample,
                                 temperature=self.temperature if sample else 1.0,  # type: ignore[arg-type]
                                 top_k=self.top_k if sample else None, top_p=self.top_p if sample else None,

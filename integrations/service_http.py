@@ -3,8 +3,8 @@
 Why one plain ASGI middleware in front of FastAPI rather than per-route dependencies: the order of refusals
 must not depend on FastAPI internals (which parse a JSON body before running dependencies, so a bad body
 would answer 422 before a missing key answered 401), and an oversized body must be refused from its
-``Content-Length`` before a byte of it is read. Order: 401 (API key) -> 415 (content type) -> 413 (size);
-everything after that is FastAPI's (422 for malformed keys and bodies).
+``Content-Length`` before a byte of it is read. Order: 401 (API key) -> 415 (content type) -> 413 (size) ->
+422 for JSON bodies that are not UTF-8; everything after that is FastAPI's (422 for malformed keys and bodies).
 """
 from __future__ import annotations
 
@@ -148,6 +148,27 @@ class GuardMiddleware:
             if length > limit:
                 await send_json(send, 413, {"detail": f"request body of {length} bytes exceeds the limit of {limit}"})
                 return
+        if wanted == JSON:
+            # JSON bodies are small (bounded by the limit): read them here, so a body that is not UTF-8 (which
+            # JSON must be) is a 422 like any other malformed body rather than FastAPI's generic 400.
+            body = bytearray()
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                body += message.get("body", b"")
+                more = bool(message.get("more_body", False))
+                if len(body) > limit:
+                    await send_json(send, 413, {"detail": f"request body exceeds the limit of {limit} bytes"})
+                    return
+            try:
+                bytes(body).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                await send_json(send, 422, {"detail": f"the request body is not UTF-8 JSON: {exc.reason} at byte "
+                                                      f"{exc.start}"})
+                return
+            receive = _replay(bytes(body), receive)
         received = {"n": 0}
         started = {"response": False}
 
@@ -170,6 +191,19 @@ class GuardMiddleware:
             if started["response"]:
                 raise
             await send_json(send, 413, {"detail": f"request body exceeds the limit of {limit} bytes"})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields an already read body once, then defers to the real one (disconnects)."""
+    sent = {"body": False}
+
+    async def replayed() -> Message:
+        if not sent["body"]:
+            sent["body"] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 def sse(data: Any, event: str | None = None) -> bytes:

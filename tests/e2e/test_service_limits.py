@@ -95,6 +95,8 @@ def test_malformed_keys_get_422(alice: httpx.Client, key: str) -> None:
     ("/v1/warm", b'{"texts": ["ok", 3]}'),
     ("/v1/warm", b'{"texts": ["ok"], "ttl_s": -1}'),
     ("/v1/chunks/lookup", b'{"keys": "alice:x"}'),
+    ("/v1/generate", b'{"query": "\xc3"}'),
+    ("/v1/warm", b'\xff\xfe{}'),
 ])
 def test_malformed_bodies_get_422(alice: httpx.Client, path: str, body: bytes) -> None:
     response = alice.post(path, content=body, headers=JSON_HEADERS)
