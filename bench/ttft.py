@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 from harness import Report, median, parse_args
 
 from ragkv.kvstore.tiers import DiskConfig, DiskTier, HostConfig, HostTier

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from ragkv.codecs.base import DTYPE_NAMES
 from ragkv.kvstore.chunk import ModelFingerprint
 from ragkv.kvstore.errors import ConfigError
@@ -53,6 +54,31 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def exact_causal_mask(row_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
     """[R] x [N] -> bool [R, N]: True where the key's position <= the query's position (visible)."""
     return key_positions[None, :] <= row_positions[:, None]
+
+
+@dataclass(frozen=True)
+class RowMask:
+    """The exact causal mask of R query rows over N keys, plus the cheapest exact way to apply it.
+
+    When the rows are the contiguous positions ``s .. N-1`` of keys at positions ``0 .. N-1`` and cover at
+    least half of them (layer 0 of a blend, a prefill after a short past), attention is a causal square
+    once ``s`` zero queries are put in front: SDPA's causal kernel is then used and the padded rows dropped
+    (a dense boolean mask makes the CPU kernel several times slower). Otherwise the boolean mask is used.
+    """
+
+    dense: torch.Tensor  # bool [R, N], True = visible
+    suffix_start: int | None = None
+
+    @classmethod
+    def build(cls, row_positions: torch.Tensor, key_positions: torch.Tensor) -> RowMask:
+        dense = exact_causal_mask(row_positions, key_positions)
+        n, r = key_positions.numel(), row_positions.numel()
+        suffix = None
+        if 2 * r >= n:
+            ar = torch.arange(n, device=key_positions.device)
+            if torch.equal(key_positions, ar) and torch.equal(row_positions, ar[n - r:]):
+                suffix = n - r
+        return cls(dense, suffix)
 
 
 def _weights_digest(model: Any) -> str:
@@ -204,31 +230,41 @@ class ModelAdapter:
 
     @torch.no_grad()
     def attend(self, layer: int, residual: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+               mask: torch.Tensor | RowMask | None = None, causal: bool = False) -> torch.Tensor:
         """Rest of ``layer`` for R rows: attention over N keys, o-proj, residual, norm, MLP, residual.
 
-        residual [B, R, E]; q [B, Hq, R, D]; keys, values [B, H, N, D]; mask bool [R, N] (True = visible) or
-        None with ``causal`` (R == N, positions aligned) or neither (every key visible). Returns [B, R, E].
+        residual [B, R, E]; q [B, Hq, R, D]; keys, values [B, H, N, D]; mask: bool [R, N] (True = visible) or a
+        ``RowMask``, or None with ``causal`` (R == N, positions aligned) or neither (every key visible).
+        Returns [B, R, E].
         """
         block = self.layers[layer]
         attn = block.self_attn
-        if mask is not None:
-            out = F.scaled_dot_product_attention(q, repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep),
-                                                 attn_mask=mask[None, None], scale=attn.scaling)
+        gqa = self.n_rep > 1
+        if isinstance(mask, RowMask) and mask.suffix_start is not None:
+            s = mask.suffix_start
+            padded = torch.cat((q.new_zeros(q.shape[0], q.shape[1], s, q.shape[3]), q), dim=2) if s else q
+            out = F.scaled_dot_product_attention(padded, keys, values, is_causal=True, scale=attn.scaling,
+                                                 enable_gqa=gqa)[:, :, s:]
+        elif mask is not None:
+            dense = mask.dense if isinstance(mask, RowMask) else mask
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=dense[None, None], scale=attn.scaling,
+                                                 enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=attn.scaling,
-                                                 enable_gqa=self.n_rep > 1)
+                                                 enable_gqa=gqa)
         b, _, r, _ = out.shape
         out = attn.o_proj(out.transpose(1, 2).reshape(b, r, -1))  # [B, R, E]
         hidden = residual + out
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
     @torch.no_grad()
-    def attention_probs(self, layer: int, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attention_probs(self, layer: int, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | RowMask
+                        ) -> torch.Tensor:
         """Softmax attention weights q [B, Hq, R, D] x keys [B, H, N, D] under mask [R, N] -> float32 [B, Hq, R, N]."""
+        dense = mask.dense if isinstance(mask, RowMask) else mask
         scale = self.layers[layer].self_attn.scaling
         scores = torch.matmul(q.float(), repeat_kv(keys, self.n_rep).float().transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~mask[None, None], float("-inf"))
+        scores = scores.masked_fill(~dense[None, None], float("-inf"))
         return torch.softmax(scores, dim=-1)
 
     @torch.no_grad()
@@ -255,7 +291,7 @@ class ModelAdapter:
         rope = self.rope(positions)
         mask = None
         if past is not None and past_len:
-            mask = exact_causal_mask(positions, torch.arange(past_len + t, device=self.device))
+            mask = RowMask.build(positions, torch.arange(past_len + t, device=self.device))
         out = torch.empty((self.num_layers, 2, b, self.num_kv_heads, t, self.head_dim), dtype=self.dtype,
                           device=self.device)
         hidden = self.embed(ids)
@@ -273,9 +309,17 @@ class ModelAdapter:
     def make_cache(self, kv: torch.Tensor) -> Any:
         """kv [L, 2, B, H, N, D] -> a transformers ``DynamicCache`` ready for the model's own decoding."""
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
-        data = [(kv[layer, 0].contiguous(), kv[layer, 1].contiguous()) for layer in range(self.num_layers)]
-        return DynamicCache(data, config=self.config)
+        cache = DynamicCache(config=self.config)
+        for layer, cache_layer in enumerate(cache.layers):
+            keys, values = kv[layer, 0], kv[layer, 1]  # [B, H, N, D] views: no copy
+            if type(cache_layer) is DynamicLayer:
+                cache_layer.lazy_initialization(keys, values)
+                cache_layer.keys, cache_layer.values = keys, values
+            else:  # e.g. a sliding-window layer keeps its own bookkeeping: let it copy
+                cache_layer.update(keys.contiguous(), values.contiguous())
+        return cache
 
     def new_kv(self, length: int, batch: int = 1) -> torch.Tensor:
         """An uninitialised sequence KV buffer [L, 2, B, H, length, D]."""
@@ -289,4 +333,4 @@ class ModelAdapter:
                 "fingerprint": str(self.fingerprint)}
 
 
-__all__ = ["ModelAdapter", "PrefillOutput", "RopeTables", "exact_causal_mask", "repeat_kv"]
+__all__ = ["ModelAdapter", "PrefillOutput", "RopeTables", "RowMask", "exact_causal_mask", "repeat_kv"]

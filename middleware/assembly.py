@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.adapter import ModelAdapter
 from ragkv.middleware.loading import LoadedChunk
@@ -88,7 +89,11 @@ def assemble(prefix_ids: Sequence[int], chunk_ids: Sequence[Sequence[int]], quer
 
 class LayerFeed:
     """Fills a layer's sequence KV ``[2, 1, H, N, D]`` with the exact prefix and the cached chunks, each moved
-    from its cached position to its place (keys rotated in float32). Waits on pipelined loads per layer."""
+    from its cached position to its place (keys rotated in float32). Waits on pipelined loads per layer.
+
+    The rotation is one vectorised step per layer over the span of rows holding cached chunks, with a
+    per-row cos/sin table (rows not holding a cached chunk get the identity; they are computed anyway).
+    """
 
     def __init__(self, adapter: ModelAdapter, prompt: AssembledPrompt, prefix_kv: torch.Tensor | None,
                  loaded: Mapping[int, LoadedChunk]) -> None:
@@ -97,36 +102,37 @@ class LayerFeed:
         self.prefix_kv = prefix_kv  # [L, 2, 1, H, P, D]
         self.loaded = loaded  # chunk index -> loaded chunk
         self.wait_seconds = 0.0
-        inv_freq = adapter.inv_freq
-        self._rot: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for seg in prompt.chunks:
-            chunk = loaded.get(seg.index)
-            if chunk is not None:
-                delta = seg.start - chunk.meta.position
-                if delta not in self._rot:
-                    cos, sin = delta_cos_sin(inv_freq, delta)
-                    self._rot[delta] = (cos.to(adapter.device), sin.to(adapter.device))
+        self.segments = [s for s in prompt.chunks if s.index in loaded]
+        self._span: tuple[int, int] | None = None
+        self._cos = self._sin = torch.empty(0)
+        moved = [s for s in self.segments if s.start != loaded[s.index].meta.position]
+        if moved:
+            lo, hi = min(s.start for s in moved), max(s.end for s in moved)
+            dim = adapter.head_dim
+            cos = torch.ones(hi - lo, dim, dtype=torch.float32)
+            sin = torch.zeros(hi - lo, dim, dtype=torch.float32)
+            inv_freq = adapter.inv_freq
+            for seg in moved:
+                c, s_ = delta_cos_sin(inv_freq, seg.start - loaded[seg.index].meta.position)  # [D]
+                cos[seg.start - lo:seg.end - lo] = c
+                sin[seg.start - lo:seg.end - lo] = s_
+            self._span = (lo, hi)
+            self._cos, self._sin = cos.to(adapter.device), sin.to(adapter.device)  # [span, D]
 
     def fill(self, layer: int, kv_layer: torch.Tensor) -> None:
         """kv_layer: [2, 1, H, N, D] (a view into the sequence buffer), written in place."""
         if self.prefix_kv is not None:
             p = self.prefix_kv.shape[4]
             kv_layer[:, :, :, :p] = self.prefix_kv[layer]
-        for seg in self.prompt.chunks:
-            chunk = self.loaded.get(seg.index)
-            if chunk is None:
-                continue
+        for seg in self.segments:
             start = time.perf_counter()
-            src = chunk.layer(layer).to(kv_layer.device, non_blocking=True)  # [2, H, T, D]
+            src = self.loaded[seg.index].layer(layer)  # [2, H, T, D]
             self.wait_seconds += time.perf_counter() - start
-            delta = seg.start - chunk.meta.position
-            keys = src[0]
-            if delta != 0:
-                cos, sin = self._rot[delta]
-                k32 = keys.to(torch.float32)
-                keys = k32 * cos + rotate_half(k32) * sin
-            kv_layer[0, 0, :, seg.start:seg.end] = keys
-            kv_layer[1, 0, :, seg.start:seg.end] = src[1]
+            kv_layer[:, 0, :, seg.start:seg.end] = src
+        if self._span is not None:
+            lo, hi = self._span
+            k32 = kv_layer[0, 0, :, lo:hi].to(torch.float32)  # [H, span, D]
+            kv_layer[0, 0, :, lo:hi] = k32 * self._cos + rotate_half(k32) * self._sin
 
 
 class StaticFeed:

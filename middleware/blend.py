@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.assembly import CHUNK, QUERY
 from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest

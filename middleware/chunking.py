@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, ChunkKV, ChunkMeta, check_namespace, chunk_key
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.adapter import ModelAdapter

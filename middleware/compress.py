@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.adapter import RowMask
 from ragkv.middleware.assembly import CHUNK, PREFIX, QUERY, AssembledPrompt, StaticFeed
 from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
 from ragkv.middleware.selective import selective_prefill
@@ -73,7 +75,7 @@ class _TokenScorer:
         self.count = 0
 
     def __call__(self, layer: int, q: torch.Tensor, rows: torch.Tensor, kv_layer: torch.Tensor,
-                 mask: torch.Tensor) -> None:
+                 mask: RowMask) -> None:
         if layer not in self.layers or self.chunk_rows.numel() == 0:
             return
         probs = self.adapter.attention_probs(layer, q, kv_layer[0], mask)  # [1, Hq, Q, N]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, check_namespace
 from ragkv.kvstore.errors import ConfigError
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, ChunkKV, check_namespace
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.adapter import ModelAdapter

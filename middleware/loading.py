@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from ragkv.codecs import CodecError, get_codec
 from ragkv.codecs.base import dtype_from_name
 from ragkv.kvstore.chunk import ChunkKV, ChunkMeta

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
 from ragkv.kvstore.errors import ConfigError
-from ragkv.middleware.adapter import ModelAdapter, exact_causal_mask
+from ragkv.middleware.adapter import ModelAdapter, RowMask
 
 DEVIATIONS = ("key", "value")
 
@@ -78,7 +79,7 @@ class CheckLayer:
     keep: int  # candidate rows still active after this layer
 
 
-Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, RowMask], None]
 Fill = Callable[[int, torch.Tensor], None]
 
 
@@ -118,7 +119,7 @@ def selective_prefill(adapter: ModelAdapter, ids: torch.Tensor, positions: torch
     cos_all, sin_all = adapter.rope(positions)  # [1, N, D]
     hidden = adapter.embed(ids[active][None])  # [1, R, E]
     out = SelectiveOutput(kv=kv, logits=torch.empty(0))
-    mask: torch.Tensor | None = None
+    mask: RowMask | None = None
     which = 0 if deviation == "key" else 1
     for layer in range(adapter.num_layers):
         kv_layer = kv[layer]  # [2, 1, H, N, D]
@@ -146,7 +147,7 @@ def selective_prefill(adapter: ModelAdapter, ids: torch.Tensor, positions: torch
             active, hidden, q = active[keep_local], hidden[:, kl], q[:, :, kl]
             mask = None
         if mask is None:
-            mask = exact_causal_mask(positions[active.to(device)], positions)
+            mask = RowMask.build(positions[active.to(device)], positions)
         if observe is not None:
             observe(layer, q, active, kv_layer, mask)
         hidden = adapter.attend(layer, hidden, q, kv_layer[0], kv_layer[1], mask=mask)

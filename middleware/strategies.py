@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.assembly import QUERY, AssembledPrompt, LayerFeed
 from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ragkv.middleware.adapter import ModelAdapter, exact_causal_mask
 
 FAMILIES = ["llama", "llama_untied_llama3rope", "qwen2", "qwen3", "mistral"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+
 from ragkv.kvstore.tiers import HostConfig, HostTier
 from ragkv.middleware.chunking import ChunkCacher, ChunkingConfig
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.compress import CompressConfig
 from ragkv.middleware.generation import GenerationConfig, generate, stream
@@ -19,9 +20,12 @@ def test_greedy_matches_model_generate(strategy, host_engine, make_words):
     from ragkv.middleware.context import PrepareRequest
 
     request = PrepareRequest(query=make_words(5, 4), chunks=[make_words(60, 10)])  # reuse is exact here
-    result = host_engine.generate(request, GenerationConfig(max_new_tokens=8, stop_token_ids=()), strategy=strategy)
     prompt = host_engine.assemble(request).input_ids
-    assert result.token_ids == _hf_greedy(host_engine.adapter.model, prompt, 8)
+    expected = _hf_greedy(host_engine.adapter.model, prompt, 8)
+    for _ in range(2):  # the second time from the stores (and the prefix cache): stored entries stay intact
+        result = host_engine.generate(request, GenerationConfig(max_new_tokens=8, stop_token_ids=()),
+                                      strategy=strategy)
+        assert result.token_ids == expected
     assert result.finish_reason == "length" and result.strategy == strategy
     assert result.text == host_engine.adapter.decode(result.token_ids)
     assert 0 < result.prepare_s <= result.ttft_s <= result.total_s

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from ragkv.kvstore.errors import ConfigError, RagKVError
 from ragkv.middleware.adapter import ModelAdapter
 from ragkv.middleware.errors import ContextTooLong, UnsupportedModel

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ragkv.middleware.adapter import ModelAdapter
 from ragkv.middleware.rope import rotate_keys
 

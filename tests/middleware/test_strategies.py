@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ragkv.kvstore.chunk import ChunkKV, ChunkMeta
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.blend import BlendConfig

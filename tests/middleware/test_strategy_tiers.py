@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ragkv.codecs import available_codecs
 from ragkv.kvstore.store import TieredStore
 from ragkv.kvstore.tiers import DiskConfig, DiskTier, HostConfig, HostTier
