@@ -304,5 +304,4 @@ def decode_section(view: memoryview, plan: SectionPlan, out: np.ndarray, what: s
                 raise CodecError(f"{what}: corrupt stream in block {b}: {exc}") from exc
             if not clean:
                 raise CodecError(f"{what}: stream of block {b} does not end where its symbols do")
-    rows += lo[:, None]
-    np.copyto(out, rows.T)
+    np.add(rows.T, lo[None, :], out=out)  # back to absolute symbols and token-major in one pass

@@ -22,6 +22,7 @@ import atexit
 import importlib
 import mmap
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def helper_main(conn: Connection, in_fd: int, out_fd: int, queue_fd: int) -> Non
     """Helper loop: per request, claim unit tokens until the queue is empty, reporting each unit."""
     from ragkv.codecs.base import CodecError
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle; it shuts helpers down
     inbuf, outbuf = _Mapping(in_fd), _Mapping(out_fd)
     conn.send(("ready", os.getpid()))
     while True:

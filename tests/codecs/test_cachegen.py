@@ -107,7 +107,32 @@ def test_blocks_decode_independently(make_kv, single_worker) -> None:
     assert np.array_equal(part, good[64:])
 
 
-def test_pool_decode_equals_in_process(make_kv) -> None:
+@pytest.fixture(scope="module")
+def two_workers():
+    """Decode with the caller + 1 helper process; one pool for the module (starting helpers takes seconds)."""
+    set_decode_workers(2)
+    assert start_decode_pool()
+    yield
+    set_decode_workers(None)
+    shutdown_pool()
+
+
+def test_concurrent_decodes_share_the_pool(make_kv, two_workers) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    codec = get_codec("cachegen", {"level": 1})
+    kvs = [make_kv(layers=2, heads=2, tokens=400, dim=64, seed=s) for s in range(4)]
+    payloads = [codec.encode(kv) for kv in kvs]
+    set_decode_workers(1)
+    expected = [codec.decode(p, tuple(kv.shape), kv.dtype) for p, kv in zip(payloads, kvs)]
+    set_decode_workers(2)
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda i: codec.decode(payloads[i % 4], tuple(kvs[i % 4].shape), torch.float16),
+                           range(12)))
+    assert all(torch.equal(o, expected[i % 4]) for i, o in enumerate(outs))
+
+
+def test_pool_decode_equals_in_process(make_kv, two_workers) -> None:
     kv = make_kv(layers=4, heads=2, tokens=600, dim=64, seed=6)  # enough symbols to use the pool
     codec = get_codec("cachegen", {"level": 2})
     payload = codec.encode(kv)
@@ -115,7 +140,6 @@ def test_pool_decode_equals_in_process(make_kv) -> None:
         set_decode_workers(1)
         expected = codec.decode(payload, tuple(kv.shape), kv.dtype)
         set_decode_workers(2)
-        assert start_decode_pool()
         assert torch.equal(codec.decode(payload, tuple(kv.shape), kv.dtype), expected)
         assert torch.equal(codec.decode_layers(payload, tuple(kv.shape), kv.dtype, [3, 1]), expected[[3, 1]])
         pool = get_pool(1)
@@ -136,8 +160,7 @@ def test_pool_decode_equals_in_process(make_kv) -> None:
         assert start_decode_pool() and get_pool(1) is not pool  # a fresh pool
         assert torch.equal(codec.decode(payload, tuple(kv.shape), kv.dtype), expected)
     finally:
-        set_decode_workers(None)
-        shutdown_pool()
+        set_decode_workers(2)
 
 
 def test_decode_workers_setting_is_validated() -> None:
