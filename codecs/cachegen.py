@@ -16,8 +16,9 @@ network). Key groups end at 10/32 and 20/32 of the depth, value groups at 2/32 (
 
 Symbols are entropy coded per (K/V, layer, channel) distribution in independent blocks of at most
 256 tokens (see ``cachegen_stream``). Decoding shares the (layer, K/V) sections between the calling
-process and ``decode_workers() - 1`` helper processes (see ``decode_pool``); with one worker, or for
-small payloads, everything runs in-process.
+process and ``decode_workers() - 1`` helper processes (see ``decode_pool``), encoding shares the
+layers the same way; with one worker, for small payloads, or while the helpers are still starting,
+everything runs in-process. The bytes never depend on how the work was shared.
 
 Layer payload: a header ``<BBBBH>`` (format version, scale format, key bins, value bins,
 block tokens), then the keys' section and the values' section.
@@ -131,6 +132,20 @@ def decode_unit_task(payload: memoryview, out: np.ndarray, spec: Sequence[_Unit]
                    f"cachegen unit {unit}")
 
 
+_helper_codecs: dict[str, "CacheGenCodec"] = {}
+
+
+def encode_layer_task(payload: memoryview, out: np.ndarray, spec: tuple, layer: int) -> bytes:
+    """Encode one layer of the KV in the shared buffer (run by helpers; the caller encodes directly)."""
+    params, shape, dtype_name = spec
+    key = repr(sorted(params.items()))
+    codec = _helper_codecs.get(key)
+    if codec is None:
+        codec = _helper_codecs[key] = CacheGenCodec(CacheGenParams(**params))
+    kv = torch.frombuffer(payload, dtype=DTYPES[dtype_name]).view(shape)
+    return codec.encode_layer(kv[layer], layer, shape[0])
+
+
 @register_codec
 class CacheGenCodec(Codec):
     name = "cachegen"
@@ -173,6 +188,40 @@ class CacheGenCodec(Codec):
             parts.append(encode_section(q.astype(np.uint8), 2 * m + 1, self.params.block_tokens,
                                         scale_bytes(scales[kind], fmt), 2 if fmt == SCALE_FP16 else 4))
         return b"".join(parts)
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        """kv [L, 2, H, T, D] -> payload; layers are encoded by the caller and the pool's helpers
+        together when ``decode_workers() > 1`` (the bytes are the same either way)."""
+        workers = decode_workers()
+        if (workers <= 1 or kv.dim() != 5 or kv.shape[0] < 2 or kv.dtype not in DTYPE_NAMES
+                or kv.numel() < POOL_MIN_SYMBOLS):
+            return super().encode(kv)
+        pool = get_pool(workers - 1, wait=False)
+        if pool is None:
+            return super().encode(kv)
+        kv = kv.detach().to("cpu").contiguous()
+        num_layers = kv.shape[0]
+        raw = memoryview(kv.view(-1).view(torch.uint8).numpy())
+        spec = (self.params.to_dict(), tuple(kv.shape), DTYPE_NAMES[kv.dtype])
+        parts: list[bytes] = [b""] * num_layers
+
+        def finished(_: np.ndarray, layer: int, data: bytes) -> None:
+            parts[layer] = data
+
+        try:
+            with pool.lock:
+                pool.run("cachegen_encode_layer", raw, 0, spec, num_layers,
+                         lambda buf, out, layer: self.encode_layer(kv[layer], layer, num_layers), finished)
+        except TaskFailed as exc:
+            if exc.codec_error:
+                raise CodecError(str(exc)) from None
+            raise
+        except PoolBroken:
+            return super().encode(kv)
+        offsets = [0]
+        for part in parts:
+            offsets.append(offsets[-1] + len(part))
+        return b"".join([struct.pack(f"<{num_layers + 1}Q", *offsets), *parts])
 
     # -- decode ------------------------------------------------------------------------------------------
     def _plan_layer(self, view: memoryview, start: int, end: int, layer_index: int, num_layers: int,
@@ -234,7 +283,7 @@ class CacheGenCodec(Codec):
         units = [u for lp in plans for u in lp.units]
         scales = [s for lp in plans for s in lp.scales]
 
-        def finished(symbols: np.ndarray, unit: int) -> None:
+        def finished(symbols: np.ndarray, unit: int, result: object = None) -> None:
             _dequantize(symbols, units[unit], scales[unit], heads, dim, out[unit // 2, unit % 2])
 
         workers = decode_workers()

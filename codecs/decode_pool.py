@@ -1,4 +1,4 @@
-"""A persistent pool of helper processes that decode entropy-coded units in parallel with the caller.
+"""A persistent pool of helper processes that decode (and encode) units in parallel with the caller.
 
 constriction holds the GIL, so threads do not help; processes do, if almost nothing crosses between
 them. The design keeps every per-call transfer out of pickling:
@@ -35,8 +35,12 @@ from typing import Any, Callable
 import numpy as np
 
 # Task functions a helper may run, by name -> "module:function". Each is called as
-# fn(payload: memoryview, out: np.ndarray (uint8), spec, unit_index) and fills its part of ``out``.
-TASKS: dict[str, str] = {"cachegen_decode_unit": "ragkv.codecs.cachegen:decode_unit_task"}
+# fn(payload: memoryview, out: np.ndarray (uint8), spec, unit_index) and fills its part of ``out``
+# and/or returns a small picklable result.
+TASKS: dict[str, str] = {
+    "cachegen_decode_unit": "ragkv.codecs.cachegen:decode_unit_task",
+    "cachegen_encode_layer": "ragkv.codecs.cachegen:encode_layer_task",
+}
 
 HELPER_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 120.0
@@ -128,8 +132,7 @@ def helper_main(conn: Connection, in_fd: int, out_fd: int, queue_fd: int) -> Non
             out = np.frombuffer(outbuf.ensure(out_size), dtype=np.uint8, count=out_size)
             fn = _resolve(task)
             while (unit := _claim(queue_fd)) is not None:
-                fn(in_view, out, spec, unit)
-                conn.send(("unit", unit))
+                conn.send(("unit", (unit, fn(in_view, out, spec, unit))))
             conn.send(("done", None))
         except Exception as exc:  # noqa: BLE001 - reported to the caller, which re-raises it
             conn.send(("error", (f"{type(exc).__name__}: {exc}", isinstance(exc, CodecError))))
@@ -141,7 +144,7 @@ def helper_main(conn: Connection, in_fd: int, out_fd: int, queue_fd: int) -> Non
     outbuf.close()
 
 
-def _ignore(out: np.ndarray, unit: int) -> None:
+def _ignore(out: np.ndarray, unit: int, result: Any) -> None:
     pass
 
 
@@ -194,6 +197,7 @@ class DecodePool:
             raise PoolBroken(f"could not start decode helpers: {exc}") from exc
 
     def _grow(self, fd: int, current: int, size: int) -> int:
+        size = max(size, 1)  # a mapping is never empty
         if size <= current:
             return current
         new = max(1 << 20, 1 << (size - 1).bit_length())
@@ -201,11 +205,12 @@ class DecodePool:
         return new
 
     def run(self, task: str, payload: memoryview, out_size: int, spec: Any, nunits: int,
-            local: Callable[[memoryview, np.ndarray, int], None],
-            finished: Callable[[np.ndarray, int], None]) -> None:
+            local: Callable[[memoryview, np.ndarray, int], Any],
+            finished: Callable[[np.ndarray, int, Any], None]) -> None:
         """Decode ``nunits`` units: helpers run ``TASKS[task]``, the caller runs ``local``; both claim
-        units from the queue. ``finished(out, unit)`` runs in the caller once per unit, in completion
-        order, while other units may still be decoding; ``out`` is the shared uint8 symbol buffer.
+        units from the queue. ``finished(out, unit, result)`` runs in the caller once per unit, in
+        completion order, while other units may still be running; ``out`` is the shared uint8 output
+        buffer and ``result`` what the task returned (small: it travels through the socket).
         Call with ``self.lock`` held.
         """
         if self.broken:
@@ -231,8 +236,7 @@ class DecodePool:
             local_error: BaseException | None = None
             try:
                 while (unit := _claim(self._queue_r)) is not None:
-                    local(in_view, out, unit)
-                    finished(out, unit)
+                    finished(out, unit, local(in_view, out, unit))
                     failure = self._drain(pending, out, finished, timeout=0.0) or failure
             except Exception as exc:  # noqa: BLE001 - re-raised once the helpers have stopped
                 local_error = exc
@@ -255,7 +259,7 @@ class DecodePool:
             del out
             in_view.release()
 
-    def _drain(self, pending: set[int], out: np.ndarray, finished: Callable[[np.ndarray, int], None],
+    def _drain(self, pending: set[int], out: np.ndarray, finished: Callable[[np.ndarray, int, Any], None],
                timeout: float) -> TaskFailed | None:
         """Handle every message waiting from helpers still working (waiting up to ``timeout`` for one)."""
         failure = None
@@ -268,7 +272,7 @@ class DecodePool:
                     self._break()
                     raise PoolBroken(f"decode helper {i} died") from exc
                 if kind == "unit":
-                    finished(out, value)
+                    finished(out, *value)
                 else:
                     pending.discard(i)
                     if kind == "error":

@@ -135,9 +135,10 @@ def test_concurrent_decodes_share_the_pool(make_kv, two_workers) -> None:
 def test_pool_decode_equals_in_process(make_kv, two_workers) -> None:
     kv = make_kv(layers=4, heads=2, tokens=600, dim=64, seed=6)  # enough symbols to use the pool
     codec = get_codec("cachegen", {"level": 2})
-    payload = codec.encode(kv)
+    payload = codec.encode(kv)  # layers shared between the caller and the helper
     try:
         set_decode_workers(1)
+        assert codec.encode(kv) == payload  # in-process: the same bytes
         expected = codec.decode(payload, tuple(kv.shape), kv.dtype)
         set_decode_workers(2)
         assert torch.equal(codec.decode(payload, tuple(kv.shape), kv.dtype), expected)
