@@ -1,0 +1,156 @@
+"""The ``ragkv`` command line as a user runs it: subprocesses with their own store under a temporary cache dir.
+
+``ragkv serve`` is the README's main job: it must come up on the embedded default store with the default
+model and the sample corpus warmed, print its URL and a ready-to-paste request, and that request must be
+answered from the cache (and correctly, once the bundled model ships).
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import httpx
+import pytest
+
+from ragkv.integrations.cli import main as cli_main
+
+START_TIMEOUT_S = 240
+
+
+def _ragkv() -> list[str]:
+    script = Path(sys.executable).with_name("ragkv")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ragkv.integrations.cli"]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAGKV_STORE"}
+    env.update(RAGKV_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def _lines(stream: IO[str]) -> "queue.Queue[str | None]":
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    cache = tmp_path_factory.mktemp("serve-cache")
+    proc = subprocess.Popen([*_ragkv(), "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_env(cache))
+    lines = _lines(proc.stdout)  # type: ignore[arg-type]
+    seen: list[str] = []
+    info: dict[str, Any] = {"proc": proc, "output": seen, "cache": cache}
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            seen.append(line)
+            if "is serving on" in line:
+                info["url"] = line.split("is serving on ", 1)[1].split()[0]
+            if line.strip().startswith("curl "):
+                info["curl"] = line.strip()
+            if "expected answer:" in line:
+                info["expected"] = line.split("expected answer:", 1)[1].split()[0]
+                break
+        assert "url" in info and "curl" in info, "\n".join(seen)
+        yield info
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_prints_url_and_a_request_answered_from_the_cache(served: dict[str, Any]) -> None:
+    url, output = served["url"], "\n".join(served["output"])
+    assert url.startswith("http://127.0.0.1:")
+    assert "sample corpus:" in output and "store: TieredStore(host, disk" in output
+    argv = shlex.split(served["curl"])
+    assert argv[argv.index("-s") + 1] == f"{url}/v1/generate"
+    body = json.loads(argv[argv.index("-d") + 1])
+    response = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["documents"] and all(d["hit"] for d in result["documents"])  # warmed at start-up
+    health = httpx.get(f"{url}/healthz").json()
+    assert health["sample_corpus"]["chunks"] > 0 and health["auth"] is False
+    if health["model"]["kind"] == "bundled":
+        assert result["answer"].strip() == served["expected"], "the bundled model must answer the sample correctly"
+    else:
+        assert "random" in health["model"]["label"] and "random" in output  # labelled as a stand-in
+    assert httpx.get(f"{url}/").status_code == 200
+
+
+def test_ask_against_the_running_service(served: dict[str, Any]) -> None:
+    proc = subprocess.run([*_ragkv(), "ask", "--url", served["url"], "--sample", "0", "--json"], capture_output=True,
+                          text=True, env=_env(served["cache"]), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)["result"]
+    assert all(d["hit"] for d in result["documents"]) and result["ttft_ms"] > 0
+
+
+def test_warm_then_ask_with_the_builtin_index(tmp_path: Path) -> None:
+    from ragkv.integrations.sample_corpus import load_sample_corpus
+
+    corpus = load_sample_corpus()
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"chunks": list(q.chunks)}) + "\n" for q in corpus.questions[:6]))
+    env, index = _env(tmp_path / "cache"), tmp_path / "index"
+    warm = subprocess.run([*_ragkv(), "warm", str(jsonl), "--index", str(index), "--embedder", "hashing"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    chunks = sum(len(q.chunks) for q in corpus.questions[:6])
+    assert f"warmed {chunks} chunks" in warm.stdout and f"{chunks} computed" in warm.stdout
+    assert "warm [" in warm.stderr and "100.0%" in warm.stderr  # the progress bar
+    q = corpus.questions[0]
+    ask = subprocess.run([*_ragkv(), "ask", q.question, "--index", str(index), "-k", "4", "--max-new-tokens", "1",
+                          "--compare"], capture_output=True, text=True, env=env, timeout=300)
+    assert ask.returncode == 0, ask.stderr[-2000:]
+    assert "answer:" in ask.stdout and "TTFT" in ask.stdout and "prepare" in ask.stdout
+    assert "documents: 4 of 4 from the cache (disk: 4)" in ask.stdout  # a new process: read back from disk
+    assert "full prefill: TTFT" in ask.stdout
+    stats = subprocess.run([*_ragkv(), "stats"], capture_output=True, text=True, env=env, timeout=120)
+    assert stats.returncode == 0 and json.loads(stats.stdout)["tiers"]["disk"]["entries"] == chunks
+
+
+def test_warm_resumes_where_an_interrupted_run_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    texts = [f"k{i} v{i} ; the k{i + 1} v{i + 2} ;" for i in range(20)]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("\n\n".join(texts[:8]))
+    monkeypatch.setenv("RAGKV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RAGKV_STORE", raising=False)
+    assert cli_main(["warm", str(tmp_path / "docs"), "--batch-size", "4"]) == 0
+    assert "8 computed, 0 already stored" in capsys.readouterr().out
+    (tmp_path / "docs" / "b.txt").write_text("\n\n".join(texts[8:]))  # the corpus grew (or a run was cut short)
+    assert cli_main(["warm", str(tmp_path / "docs"), "--batch-size", "4"]) == 0
+    assert "12 computed, 8 already stored" in capsys.readouterr().out
+    assert cli_main(["ask", "--sample", "1", "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "answer:" in out and "expected:" in out
+    assert cli_main(["demo", "--chunks", "2", "--tokens", "8"]) == 0
+    assert cli_main(["ask"]) == 2  # no question: a clear error, not a traceback
+    assert "needs a question" in capsys.readouterr().err
