@@ -26,13 +26,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-
 from harness import Report, parse_args, time_call
+
 from ragkv.codecs import get_codec, set_decode_workers, start_decode_pool, stop_decode_pool
 from ragkv.codecs.cachegen import half_range, layer_bins, level_summary
 from ragkv.codecs.cachegen_stream import encode_section
@@ -160,7 +161,7 @@ def measure_codec(kv: torch.Tensor, name: str, params: dict[str, Any], repeat: i
     payload = codec.encode(kv)
     for threads in (1, 2):
         set_threads(threads)
-        enc_med, enc_best = timed(lambda: codec.encode(kv), repeat)
+        enc_med = timed(lambda: codec.encode(kv), repeat)[0]
         dec_med, dec_best = timed(lambda: codec.decode(payload, shape, dtype), repeat)
         result[f"encode_mbps_{threads}"] = fp16_bytes / MB / enc_med
         result[f"decode_mbps_{threads}"] = fp16_bytes / MB / dec_med
@@ -192,7 +193,6 @@ def tensor_bytes(obj: Any) -> int:
 
 def transformers_peers(kv: torch.Tensor, repeat: int, quick: bool) -> tuple[list[dict[str, Any]], list[str]]:
     """transformers' QuantizedCache layers (their own _quantize/_dequantize) on every K and V tensor."""
-    from transformers import cache_utils
 
     notes: list[str] = []
     candidates = [("transformers FP8 cache (e4m3, per-tensor scale)", "Fp8QuantizedLayer", {}, None)]
@@ -220,46 +220,53 @@ def _run_peers(kv: torch.Tensor, candidates: list[tuple[str, str, dict[str, Any]
     rows = []
     L = kv.shape[0]
     tensors = [kv[i, j][None].contiguous() for i in range(L) for j in range(2)]  # [1, H, T, D] each
-    fp16_bytes = kv.numel() * 2
     for label, cls_name, kwargs, axis in candidates:
         cls = getattr(cache_utils, cls_name, None)
         if cls is None:
             notes.append(f"{cls_name} missing from this transformers: {label} not measured")
             continue
         try:
-            layer = cls(**kwargs)
-            if cls_name == "Fp8QuantizedLayer":
-                layer.dtype = kv.dtype
-                quantize = lambda t: layer._quantize(t)  # noqa: E731
-            else:
-                layer.keys = tensors[0]  # HQQ reads the device and dtype from here
-                layer.dtype, layer.device = kv.dtype, kv.device
-                quantize = lambda t: layer._quantize(t, axis)  # noqa: E731
-            reps = 1 if "HQQ" in label else repeat
-            encoded: list[Any] = []
-
-            def encode_all() -> None:
-                encoded[:] = [quantize(t) for t in tensors]
-
-            def decode_all() -> list[torch.Tensor]:
-                return [layer._dequantize(q) for q in encoded]
-
-            result: dict[str, Any] = {"label": label}
-            for threads in (1, 2):
-                set_threads(threads)
-                enc = timed(encode_all, reps)[0]
-                dec = timed(decode_all, reps)[0]
-                result[f"encode_mbps_{threads}"] = fp16_bytes / MB / enc
-                result[f"decode_mbps_{threads}"] = fp16_bytes / MB / dec
-            set_threads(1)
-            encode_all()
-            out = torch.stack([d[0] for d in decode_all()]).view(kv.shape).to(kv.dtype)
-            result["bytes"] = sum(tensor_bytes(q) for q in encoded)
-            result["max_err"], result["mean_err"] = errors(out, kv)
-            rows.append(result)
+            rows.append(_measure_peer(kv, tensors, label, cls(**kwargs), axis, 1 if "HQQ" in label else repeat))
         except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
             notes.append(f"{label}: failed on CPU ({type(exc).__name__}: {exc})")
     return rows, notes
+
+
+def _measure_peer(kv: torch.Tensor, tensors: list[torch.Tensor], label: str, layer: Any, axis: int | None,
+                  repeat: int) -> dict[str, Any]:
+    """One transformers quantized-cache layer's own _quantize/_dequantize over every K and V tensor."""
+    if axis is None:  # FP8: per-tensor scale, no axis
+        layer.dtype = kv.dtype
+
+        def quantize(t: torch.Tensor) -> Any:
+            return layer._quantize(t)
+    else:
+        layer.keys = tensors[0]  # HQQ reads the device and dtype from here
+        layer.dtype, layer.device = kv.dtype, kv.device
+
+        def quantize(t: torch.Tensor) -> Any:
+            return layer._quantize(t, axis)
+
+    encoded: list[Any] = []
+
+    def encode_all() -> None:
+        encoded[:] = [quantize(t) for t in tensors]
+
+    def decode_all() -> list[torch.Tensor]:
+        return [layer._dequantize(q) for q in encoded]
+
+    fp16_bytes = kv.numel() * 2
+    result: dict[str, Any] = {"label": label}
+    for threads in (1, 2):
+        set_threads(threads)
+        result[f"encode_mbps_{threads}"] = fp16_bytes / MB / timed(encode_all, repeat)[0]
+        result[f"decode_mbps_{threads}"] = fp16_bytes / MB / timed(decode_all, repeat)[0]
+    set_threads(1)
+    encode_all()
+    out = torch.stack([d[0] for d in decode_all()]).view(kv.shape).to(kv.dtype)
+    result["bytes"] = sum(tensor_bytes(q) for q in encoded)
+    result["max_err"], result["mean_err"] = errors(out, kv)
+    return result
 
 
 # -- cachegen decode: threads vs processes ---------------------------------------------------------------

@@ -8,6 +8,10 @@ from __future__ import annotations
 if not __name__.startswith("ragkv."):
     raise ImportError("import this package as ragkv.codecs, not as a bare 'codecs' (see DESIGN.md)")
 
+from ragkv.codecs import cachegen as _cachegen  # noqa: F401  (registers "cachegen")
+from ragkv.codecs import quant as _quant  # noqa: F401  (registers "quant")
+from ragkv.codecs import raw as _raw  # noqa: F401  (registers "raw")
+from ragkv.codecs import zstd as _zstd  # noqa: F401  (registers "zstd")
 from ragkv.codecs.base import (
     Codec,
     CodecError,
@@ -16,10 +20,6 @@ from ragkv.codecs.base import (
     get_codec,
     register_codec,
 )
-from ragkv.codecs import raw as _raw  # noqa: F401  (registers "raw")
-from ragkv.codecs import zstd as _zstd  # noqa: F401  (registers "zstd")
-from ragkv.codecs import quant as _quant  # noqa: F401  (registers "quant")
-from ragkv.codecs import cachegen as _cachegen  # noqa: F401  (registers "cachegen")
 from ragkv.codecs.cachegen import start_decode_pool
 from ragkv.codecs.decode_pool import shutdown_pool as stop_decode_pool
 from ragkv.codecs.support import decode_workers, set_decode_workers

@@ -26,8 +26,9 @@ block tokens), then the keys' section and the values' section.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ def decode_unit_task(payload: memoryview, out: np.ndarray, spec: Sequence[_Unit]
                    f"cachegen unit {unit}")
 
 
-_helper_codecs: dict[str, "CacheGenCodec"] = {}
+_helper_codecs: dict[str, CacheGenCodec] = {}
 
 
 def encode_layer_task(payload: memoryview, out: np.ndarray, spec: tuple, layer: int) -> bytes:
@@ -340,4 +341,4 @@ def level_summary(num_layers: int) -> dict[int, dict[str, list[int]]]:
             for level in sorted(LEVEL_BINS)}
 
 
-__all__ = ["CacheGenCodec", "CacheGenParams", "LEVEL_BINS", "layer_bins", "level_summary", "start_decode_pool"]
+__all__ = ["LEVEL_BINS", "CacheGenCodec", "CacheGenParams", "layer_bins", "level_summary", "start_decode_pool"]

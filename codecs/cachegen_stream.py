@@ -53,7 +53,7 @@ SIDE_ZSTD_LEVEL = 19
 PROB_BITS = 16
 PROB_TOTAL = 1 << PROB_BITS
 # weight of each code, as integers so that the tables rebuilt from codes are identical everywhere
-CODE_WEIGHTS = np.array([int(round(PROB_TOTAL * 2.0 ** (-u * CODE_STEP))) for u in range(CODE_MAX + 1)],
+CODE_WEIGHTS = np.array([round(PROB_TOTAL * 2.0 ** (-u * CODE_STEP)) for u in range(CODE_MAX + 1)],
                         dtype=np.int64)
 
 

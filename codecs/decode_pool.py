@@ -29,8 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -154,8 +155,8 @@ def _ignore(out: np.ndarray, unit: int, result: Any) -> None:
 def _shared_fd(name: str) -> int:
     if hasattr(os, "memfd_create"):
         return os.memfd_create(name, 0)
-    f = tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)  # pragma: no cover
-    return os.dup(f.fileno())  # pragma: no cover
+    with tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:  # pragma: no cover
+        return os.dup(f.fileno())  # the duplicate keeps the unlinked file alive
 
 
 class DecodePool:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,7 +182,7 @@ def write_float32(dst: torch.Tensor, src: np.ndarray) -> None:
 class ByteReader:
     """Sequential, bounds-checked reads from an untrusted buffer."""
 
-    __slots__ = ("view", "pos", "what")
+    __slots__ = ("pos", "view", "what")
 
     def __init__(self, data: bytes | memoryview, what: str) -> None:
         self.view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data

@@ -10,6 +10,7 @@ zstd releases the GIL, so layers are compressed and decompressed on ``decode_wor
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 

@@ -85,7 +85,7 @@ def _error_bound(name: str, params: dict, kv: torch.Tensor) -> torch.Tensor:
     group (KIVI groups for quant, the token's scale over the layer's bins for cachegen), plus the
     rounding of stored fp16 scales and of the output dtype."""
     x = kv.float()
-    L, _, H, T, D = x.shape
+    L, _, _, T, _ = x.shape
     if name == "quant":
         codec = get_codec(name, params)
         levels = (1 << codec.params.bits) - 1

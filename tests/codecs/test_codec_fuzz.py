@@ -293,6 +293,6 @@ def test_hostile_zstd_frames(single_worker) -> None:
 
 
 def test_decode_of_level_mismatch_is_refused(single_worker) -> None:
-    codec, payload = _cachegen_payload(level=1)
+    _, payload = _cachegen_payload(level=1)
     with pytest.raises(CodecError, match="bins"):
         get_codec("cachegen", {"level": 3, "block_tokens": 16}).decode(payload, SHAPE, DTYPE)
