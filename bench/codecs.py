@@ -317,12 +317,13 @@ def decode_scaling(kv: torch.Tensor, repeat: int) -> tuple[list[list[Any]], dict
                                2 * i * per_unit, dtype) for i in range(L)]
     units = [u for lp in plans for u in lp.units]
     scales = [s for lp in plans for s in lp.scales]
+    sides = [s for lp in plans for s in lp.sides]
     symbols = np.empty(len(units) * per_unit, np.uint8)
     out = torch.empty(shape, dtype=dtype)
 
     def threaded() -> None:
         def work(j: int) -> None:
-            cg.decode_unit_task(view, symbols, units, j)
+            cg.decode_unit_task(view, symbols, units, j, sides[j])
             cg._dequantize(symbols, units[j], scales[j], heads, dim, out[j // 2, j % 2])
         thread_map(work, len(units), workers=2)
 

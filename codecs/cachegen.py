@@ -49,6 +49,7 @@ from ragkv.codecs.support import (
     as_float32,
     check_finite,
     decode_workers,
+    layer_indices,
     require_constriction,
     round_to_format,
     scale_bytes,
@@ -123,14 +124,16 @@ class _Unit(NamedTuple):
 class _LayerPlan(NamedTuple):
     units: tuple[_Unit, _Unit]
     scales: tuple[np.ndarray, np.ndarray]
+    sides: tuple[np.ndarray, np.ndarray]  # decompressed side information (kept by the caller only)
 
 
-def decode_unit_task(payload: memoryview, out: np.ndarray, spec: Sequence[_Unit], unit: int) -> None:
+def decode_unit_task(payload: memoryview, out: np.ndarray, spec: Sequence[_Unit], unit: int,
+                     side: np.ndarray | None = None) -> None:
     """Decode one unit's symbols into the shared buffer (run by helpers and by the caller alike)."""
     u = spec[unit]
     size = u.plan.tokens * u.plan.channels
     decode_section(payload, u.plan, out[u.out_offset:u.out_offset + size].reshape(u.plan.tokens, u.plan.channels),
-                   f"cachegen unit {unit}")
+                   f"cachegen unit {unit}", side)
 
 
 _helper_codecs: dict[str, CacheGenCodec] = {}
@@ -241,19 +244,20 @@ class CacheGenCodec(Codec):
             raise CodecError(f"{what}: unknown scale format {fmt}")
         pos = start + _HEADER.size
         channels = heads * dim
-        units, scales = [], []
+        units, scales, sides = [], [], []
         for kind, bins in enumerate((key_bins, value_bins)):
             m = half_range(bins)
-            plan, s = parse_section(view, pos, end, tokens, channels, 2 * m + 1, block, fmt,
-                                    f"{what} {'keys' if kind == 0 else 'values'}")
+            plan, s, side = parse_section(view, pos, end, tokens, channels, 2 * m + 1, block, fmt,
+                                          f"{what} {'keys' if kind == 0 else 'values'}")
             if tokens and float(s.max()) > limit:
                 raise CodecError(f"{what}: a stored token scale exceeds the range of {dtype}")
             units.append(_Unit(plan, out_offset + kind * tokens * channels, m))
             scales.append(s)
+            sides.append(side)
             pos = section_end(plan)
         if pos != end:
             raise CodecError(f"{what}: {end - pos} unexpected trailing bytes")
-        return _LayerPlan((units[0], units[1]), (scales[0], scales[1]))
+        return _LayerPlan((units[0], units[1]), (scales[0], scales[1]), (sides[0], sides[1]))
 
     def decode_layer(self, data, shape, dtype, layer_index, num_layers, out) -> None:
         _, heads, tokens, dim = shape
@@ -261,7 +265,7 @@ class CacheGenCodec(Codec):
         lp = self._plan_layer(view, 0, len(view), layer_index, num_layers, heads, tokens, dim, 0, dtype)
         symbols = scratch_numpy("cachegen_symbols", 2 * tokens * heads * dim)
         for kind in (0, 1):
-            decode_unit_task(view, symbols, lp.units, kind)
+            decode_unit_task(view, symbols, lp.units, kind, lp.sides[kind])
             _dequantize(symbols, lp.units[kind], lp.scales[kind], heads, dim, out[kind])
 
     def decode_layers(self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype,
@@ -269,9 +273,7 @@ class CacheGenCodec(Codec):
         num_layers, _, heads, tokens, dim = check_shape(shape)
         if dtype not in DTYPE_NAMES:
             raise CodecError(f"unsupported dtype {dtype}; allowed: {sorted(DTYPES)}")
-        layers = list(layers)
-        if any(not isinstance(i, int) or not 0 <= i < num_layers for i in layers):
-            raise CodecError(f"layer indices {layers} out of range for {num_layers} layers")
+        layers = layer_indices(layers, num_layers)
         view = memoryview(payload).cast("B")
         self._layer_views(view, num_layers)  # validates the layer table
         table = struct.unpack_from(f"<{num_layers + 1}Q", view, 0)
@@ -283,6 +285,7 @@ class CacheGenCodec(Codec):
         out = torch.empty((len(layers), 2, heads, tokens, dim), dtype=dtype)
         units = [u for lp in plans for u in lp.units]
         scales = [s for lp in plans for s in lp.scales]
+        sides = [s for lp in plans for s in lp.sides]
 
         def finished(symbols: np.ndarray, unit: int, result: object = None) -> None:
             _dequantize(symbols, units[unit], scales[unit], heads, dim, out[unit // 2, unit % 2])
@@ -296,7 +299,8 @@ class CacheGenCodec(Codec):
             try:
                 with pool.lock:
                     pool.run("cachegen_decode_unit", view, total, units, len(units),
-                             lambda buf, symbols, unit: decode_unit_task(buf, symbols, units, unit), finished)
+                             lambda buf, symbols, unit: decode_unit_task(buf, symbols, units, unit, sides[unit]),
+                             finished)
                 return out
             except TaskFailed as exc:
                 if exc.codec_error:
@@ -306,7 +310,7 @@ class CacheGenCodec(Codec):
                 pass  # decode in-process below (the next call starts a fresh pool)
         symbols = scratch_numpy("cachegen_symbols", total)
         for unit in range(len(units)):
-            decode_unit_task(view, symbols, units, unit)
+            decode_unit_task(view, symbols, units, unit, sides[unit])
             finished(symbols, unit)
         return out
 

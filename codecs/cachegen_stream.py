@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ragkv.codecs.base import CodecError
-from ragkv.codecs.support import require_constriction, require_zstd, scratch_numpy
+from ragkv.codecs.support import require_constriction, require_zstd
 from ragkv.codecs.zstd import shuffle_bytes, unshuffle_into, zstd_compress, zstd_decompress_exact
 
 MAX_BLOCK_TOKENS = 256
@@ -183,12 +183,12 @@ def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
 
 
 def parse_section(view: memoryview, pos: int, end: int, tokens: int, channels: int, nsym: int, block: int,
-                  scale_fmt: int, what: str) -> tuple[SectionPlan, np.ndarray]:
+                  scale_fmt: int, what: str) -> tuple[SectionPlan, np.ndarray, np.ndarray]:
     """Validate one section starting at ``pos`` (before ``end``) and locate its parts; no symbol decoding.
 
     Every count is checked against the bytes actually present before anything is allocated, and the
-    tables are checked so that nothing constriction receives can be malformed. Returns the plan and
-    the section's scales (float32 [T], finite and >= 0).
+    tables are checked so that nothing constriction receives can be malformed. Returns the plan, the
+    section's scales (float32 [T], finite and >= 0) and its decompressed side information.
     """
 
     def need(n: int, part: str) -> None:
@@ -232,7 +232,7 @@ def parse_section(view: memoryview, pos: int, end: int, tokens: int, channels: i
         raise CodecError(f"{what}: invalid stored token scale")
     plan = SectionPlan(tokens, channels, nsym, block, scale_fmt, side_off, side_len, len(side), ncodes,
                        lengths_off, nblocks, words_off, nwords)
-    return plan, scales
+    return plan, scales, side
 
 
 def _side_bytes(view: memoryview, off: int, length: int, low: int, high: int, what: str) -> np.ndarray:
@@ -263,29 +263,31 @@ def section_end(plan: SectionPlan) -> int:
 # -- decode ----------------------------------------------------------------------------------------------
 
 
-def decode_section(view: memoryview, plan: SectionPlan, out: np.ndarray, what: str = "cachegen section") -> None:
-    """Decode one validated section's symbols into ``out`` (uint8 [T, C], any strides).
+def decode_section(view: memoryview, plan: SectionPlan, out: np.ndarray, what: str = "cachegen section",
+                   side: np.ndarray | None = None) -> None:
+    """Decode one validated section's symbols into ``out`` (uint8 [T, C]).
 
-    Each channel's decoded run is written straight into a channel-major scratch row (no per-block
-    stacking), and the section is transposed to token-major once at the end.
+    Each channel's decoded run is written straight into its column of ``out`` (no per-block stacking,
+    no transpose afterwards: measured cheaper than row writes plus one transpose). ``side`` is the
+    decompressed side information when the caller already has it from validation.
     """
     constriction = require_constriction()
     tokens, channels = plan.tokens, plan.channels
     if tokens == 0 or channels == 0:
         return
-    side = _side_bytes(view, plan.side_off, plan.side_len, plan.side_size, plan.side_size, what)
+    if side is None:
+        side = _side_bytes(view, plan.side_off, plan.side_len, plan.side_size, plan.side_size, what)
     fixed = plan.side_size - (plan.ncodes + 1) // 2
     lo = side[fixed - 2 * channels:fixed - channels]
     sizes = side[fixed - channels:fixed]
-    if int(sizes[sizes >= 2].astype(np.int64).sum()) != plan.ncodes:
+    if len(side) != plan.side_size or int(sizes[sizes >= 2].astype(np.int64).sum()) != plan.ncodes:
         raise CodecError(f"{what}: side information changed between validation and decoding")
     codes = unpack_nibbles(side[fixed:], plan.ncodes)
     lengths = np.frombuffer(view, dtype="<u4", count=plan.nblocks, offset=plan.lengths_off).astype(np.int64)
     words = np.frombuffer(view, dtype="<u4", count=plan.nwords, offset=plan.words_off)
     coded, models = build_models(sizes, codes)
-    rows = scratch_numpy("cachegen_rows", channels * tokens).reshape(channels, tokens)  # [C, T], minus lo
     if len(models) < channels:
-        rows[sizes == 1] = 0
+        out[:, sizes == 1] = 0
     if models:
         ans = constriction.stream.stack.AnsCoder
         pairs = list(zip(coded.tolist(), models))
@@ -294,14 +296,14 @@ def decode_section(view: memoryview, plan: SectionPlan, out: np.ndarray, what: s
         for b in range(plan.nblocks):
             t0 = b * block
             n = min(block, tokens - t0)
-            dst = rows[:, t0:t0 + n]
+            dst = out[t0:t0 + n]
             try:
                 coder = ans(words[starts[b]:starts[b + 1]])
                 for c, model in pairs:
-                    dst[c] = coder.decode(model, n)
+                    dst[:, c] = coder.decode(model, n)
                 clean = coder.is_empty()
             except (ValueError, KeyError, RuntimeError, OverflowError) as exc:
                 raise CodecError(f"{what}: corrupt stream in block {b}: {exc}") from exc
             if not clean:
                 raise CodecError(f"{what}: stream of block {b} does not end where its symbols do")
-    np.add(rows.T, lo[None, :], out=out)  # back to absolute symbols and token-major in one pass
+    np.add(out, lo[None, :], out=out)  # symbols were decoded relative to each channel's lowest

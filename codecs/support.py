@@ -6,6 +6,7 @@ truncated or hostile payload never reaches numpy, torch or an entropy coder with
 """
 from __future__ import annotations
 
+import operator
 import os
 import struct
 import threading
@@ -270,6 +271,17 @@ def check_finite(x: np.ndarray, codec: str) -> None:
         raise CodecError(f"codec {codec!r} cannot encode non-finite KV values (NaN or inf)")
 
 
+def layer_indices(layers: Sequence[Any], num_layers: int) -> list[int]:
+    """Requested layer indices as ints (numpy and torch integers accepted), each in range."""
+    try:
+        out = [operator.index(i) for i in layers]
+    except TypeError:
+        raise CodecError(f"layer indices must be integers, got {layers!r}") from None
+    if any(not 0 <= i < num_layers for i in out):
+        raise CodecError(f"layer indices {out} out of range for {num_layers} layers")
+    return out
+
+
 # -- layer-parallel decoding -----------------------------------------------------------------------------
 
 
@@ -299,9 +311,7 @@ class ValidatingCodec(Codec):
         num_layers, _, heads, tokens, dim = check_shape(shape)
         if dtype not in DTYPE_NAMES:
             raise CodecError(f"unsupported dtype {dtype}; allowed: {sorted(DTYPES)}")
-        layers = list(layers)
-        if any(not isinstance(i, int) or not 0 <= i < num_layers for i in layers):
-            raise CodecError(f"layer indices {layers} out of range for {num_layers} layers")
+        layers = layer_indices(layers, num_layers)
         views = self._layer_views(payload, num_layers)
         layer_shape = (2, heads, tokens, dim)
         plans = [self.plan_layer(views[i], layer_shape, dtype, i, num_layers) for i in layers]

@@ -92,7 +92,7 @@ def test_blocks_decode_independently(make_kv, single_worker) -> None:
     kv = make_kv(layers=1, tokens=256, seed=9)
     payload = bytearray(codec.encode(kv))
     view = memoryview(bytes(payload))
-    plan, _ = parse_section(view, 16 + 6, len(view), 256, 16, 31, 64, 0, "keys")
+    plan, _, _ = parse_section(view, 16 + 6, len(view), 256, 16, 31, 64, 0, "keys")
     good = np.empty((256, 16), np.uint8)
     decode_section(view, plan, good)
     lengths = np.frombuffer(view, "<u4", plan.nblocks, plan.lengths_off)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,9 @@ def test_decode_layers_equals_slices_of_decode(case: tuple[str, dict], make_kv) 
         assert torch.equal(part, full[layers])
     with pytest.raises(CodecError):
         codec.decode_layers(payload, tuple(kv.shape), kv.dtype, [5])
+    # numpy and torch integer indices are indices too
+    assert torch.equal(codec.decode_layers(payload, tuple(kv.shape), kv.dtype, [np.int64(2), torch.tensor(0)]),
+                       full[[2, 0]])
 
 
 def test_deterministic(case: tuple[str, dict], make_kv) -> None:
