@@ -123,19 +123,6 @@ def scratch_float32(name: str, shape: Sequence[int]) -> np.ndarray:
     return scratch_numpy(name, 4 * n).view(np.float32).reshape(tuple(shape))
 
 
-def scratch_tensor(name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread reusable tensor of ``shape`` and ``dtype`` (contents undefined)."""
-    buffers = _scratch.__dict__.setdefault("torch", {})
-    n = 1
-    for s in shape:
-        n *= s
-    buf = buffers.get((name, dtype))
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, 1), dtype=dtype)
-        buffers[(name, dtype)] = buf
-    return buf[:n].view(*shape)
-
-
 # -- serial tensor copies --------------------------------------------------------------------------------
 
 # torch runs an element-wise op on the calling thread when it has fewer than 32768 elements (its
