@@ -32,9 +32,10 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 Kind = Literal["inside", "cross"]
 
