@@ -78,7 +78,7 @@ def test_wheel_ships_every_module(tmp_path: Path) -> None:
     build_dir = tmp_path / "src"
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(build_dir)], check=True)
     # the working tree, not just HEAD: copy the package folders as they are now
-    for folder in FOLDERS:
+    for folder in FOLDERS:  # (package data such as the bundled model comes along with its folder)
         subprocess.run(["rm", "-rf", str(build_dir / folder)], check=True)
         subprocess.run(["cp", "-r", str(ROOT / folder), str(build_dir / folder)], check=True)
     for extra in ("pyproject.toml", "README.md"):
@@ -99,3 +99,8 @@ def test_wheel_ships_every_module(tmp_path: Path) -> None:
             arc = "/".join([*root_name.split("."), *rel.parts])
             assert arc in names, f"{arc} missing from the wheel"
     assert "ragkv/__init__.py" not in names, "ragkv is a namespace with no folder of its own"
+    for folder, data_dir in (("middleware", "bundled_model"), ("integrations", "sample_corpus")):
+        for path in (build_dir / folder / data_dir).iterdir():
+            arc = f"ragkv/{folder}/{data_dir}/{path.name}"
+            assert arc in names, f"package data {arc} missing from the wheel"
+
