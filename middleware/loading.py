@@ -216,25 +216,34 @@ class ChunkLoader:
         return chunk
 
     def _decode_layers(self, pending: list[_Pending]) -> None:
-        num_layers = max(p.shape[0] for p in pending)
-        for layer in range(num_layers):
+        """Background decode, layer-major. Any failure is recorded on the chunk (its reader then recomputes
+        it from its tokens); every event is set in the end, so a reader can never wait forever."""
+        try:
+            num_layers = max(p.shape[0] for p in pending)
+            for layer in range(num_layers):
+                for p in pending:
+                    c = p.chunk
+                    if c._error is None:
+                        try:
+                            start = time.perf_counter()
+                            c._layers[layer] = p.codec.decode_layers(p.payload, p.shape, p.dtype, [layer])[0]
+                            c.load_seconds += time.perf_counter() - start
+                        except (CodecError, ValueError, RuntimeError, IndexError) as exc:  # reader recomputes
+                            c._error = exc
+                    if c._error is not None:
+                        for event in c._ready:
+                            event.set()
+                    else:
+                        c._ready[layer].set()
+            if self.promote:
+                for p in pending:
+                    self._promote(p.chunk)
+        finally:
             for p in pending:
-                c = p.chunk
-                if c._error is None:
-                    try:
-                        start = time.perf_counter()
-                        c._layers[layer] = p.codec.decode_layers(p.payload, p.shape, p.dtype, [layer])[0]
-                        c.load_seconds += time.perf_counter() - start
-                    except (CodecError, ValueError) as exc:
-                        c._error = exc
-                if c._error is not None:
-                    for event in c._ready:
+                if not all(e.is_set() for e in p.chunk._ready):
+                    p.chunk._error = p.chunk._error or RuntimeError("layer decoding stopped early")
+                    for event in p.chunk._ready:
                         event.set()
-                else:
-                    c._ready[layer].set()
-        if self.promote:
-            for p in pending:
-                self._promote(p.chunk)
 
     def _promote(self, chunk: LoadedChunk) -> None:
         """After a pipelined load from a slow tier, put the decoded chunk into the faster decoded tiers."""

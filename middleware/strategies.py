@@ -177,8 +177,11 @@ class CachedChunksStrategy(Strategy):
         timings["load_wait"] = feed.wait_seconds
         for info in infos:
             c = loaded.get(info.index)
-            if c is not None:
+            if c is not None:  # a chunk that failed to decode mid-way was recomputed: report what happened
                 info.load_seconds = c.load_seconds
+                info.hit, info.tier, info.codec = c.hit, c.tier, c.codec
+                if not c.hit and info.source == "store":
+                    info.source = "computed"
         kv = out.kv if kv is None else kv
         return PreparedContext(cache=self.adapter.make_cache(kv), logits=out.logits, input_ids=prompt.input_ids,
                                next_position=prompt.length if next_position is None else next_position,

@@ -68,3 +68,26 @@ def test_disk_with_zstd_codec(adapter, rag_request, tmp_path):
     prepared = engine.prepare(rag_request, "blend")
     assert {c.codec for c in prepared.chunks} == {"zstd"}
     assert torch.allclose(prepared.logits, reference.logits, atol=ATOL)
+
+
+def test_chunk_that_fails_to_decode_midway_is_recomputed(adapter, rag_request, tmp_path):
+    from ragkv.codecs import CodecError, register_codec
+    from ragkv.codecs.raw import RawCodec
+
+    @register_codec
+    class FailingAtLayer2(RawCodec):
+        name = "test-fails-at-layer-2"
+
+        def decode_layer(self, data, shape, dtype, layer_index, num_layers, out):
+            if layer_index == 2:
+                raise CodecError("garbled layer")
+            super().decode_layer(data, shape, dtype, layer_index, num_layers, out)
+
+    host = _engine(adapter, HostTier(HostConfig()))
+    host.warm(rag_request.chunks)
+    reference = host.prepare(rag_request, "blend")
+    engine = _engine(adapter, DiskTier(DiskConfig(path=str(tmp_path / "f"), fsync=False, codec=FailingAtLayer2.name)))
+    engine.warm(rag_request.chunks)
+    prepared = engine.prepare(rag_request, "blend")  # pipelined: layers 0-1 arrive, layer 2 fails
+    assert all(not c.hit and c.source == "computed" for c in prepared.chunks)
+    assert (prepared.logits - reference.logits).abs().max() <= ATOL
