@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	.venv/bin/ragkv demo
+	.venv/bin/ragkv serve
 
 test: setup
 	.venv/bin/python -m pytest -q

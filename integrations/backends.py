@@ -15,8 +15,9 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
 
 from ragkv.integrations.runtime import (
     Answer,
@@ -148,7 +149,7 @@ class LocalBackend:
                 pieces.put(("done", self.runtime.run(checked, on_token)))
             except Cancelled:
                 pieces.put(("cancelled", None))
-            except RagKVError as exc:
+            except Exception as exc:  # handed to the consumer, who re-raises it
                 pieces.put(("error", exc))
 
         thread = threading.Thread(target=work, name="ragkv-stream", daemon=True)
@@ -200,7 +201,7 @@ class HttpBackend:
         self.model_name = "ragkv"
 
     @classmethod
-    def connect(cls, base_url: str, api_key: str | None = None, **kwargs: Any) -> "HttpBackend":
+    def connect(cls, base_url: str, api_key: str | None = None, **kwargs: Any) -> HttpBackend:
         from ragkv.integrations.client import RagkvClient
 
         return cls(RagkvClient(base_url, api_key), **kwargs)
@@ -261,5 +262,13 @@ async def awarm_quietly(backend: Any, texts: Sequence[str]) -> None:
         log.warning("ragkv could not warm %d retrieved documents: %s", len(texts), exc)
 
 
-__all__ = ["LocalBackend", "HttpBackend", "DocumentRegistry", "SplitPrompt", "split_prompt", "AnswerSettings",
-           "warm_quietly", "awarm_quietly"]
+__all__ = [
+    "AnswerSettings",
+    "DocumentRegistry",
+    "HttpBackend",
+    "LocalBackend",
+    "SplitPrompt",
+    "awarm_quietly",
+    "split_prompt",
+    "warm_quietly",
+]

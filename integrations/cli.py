@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -75,6 +76,8 @@ def _lazy(name: str) -> Any:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
+    # also accepted after the subcommand (``ragkv serve --store ...``); SUPPRESS keeps the global value otherwise
+    p.add_argument("--store", default=argparse.SUPPRESS, help="store spec or config file (as the global --store)")
     p.add_argument("--model", default=None,
                    help="a local HuggingFace model directory (Llama, Qwen2/3, Mistral; safetensors). Default: "
                         "ragkv's bundled model (a labelled random-initialised stand-in until it ships)")

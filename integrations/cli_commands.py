@@ -12,7 +12,8 @@ import statistics
 import sys
 import time
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ragkv.kvstore.errors import ConfigError
 
@@ -116,8 +117,8 @@ def print_answer(result: dict[str, Any], out: Any = None) -> None:
         print(f"documents: {len(hits)} of {len(docs)} from the cache" + (f" ({where})" if where else ""), file=out)
         print(f"  {'#':>3}  {'hit':<4} {'tier':<8} {'codec':<9} {'tokens':>6} {'recomputed':>10}  source", file=out)
         for d in docs:
-            print(f"  {d['index']:>3}  {'yes' if d['hit'] else 'no':<4} {str(d['tier'] or '-'):<8} "
-                  f"{str(d['codec'] or '-'):<9} {d['tokens']:>6} {d['recomputed_tokens']:>10}  {d['source']}", file=out)
+            print(f"  {d['index']:>3}  {'yes' if d['hit'] else 'no':<4} {d['tier'] or '-'!s:<8} "
+                  f"{d['codec'] or '-'!s:<9} {d['tokens']:>6} {d['recomputed_tokens']:>10}  {d['source']}", file=out)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -145,8 +146,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
             result = client.generate(question, documents, **options)
             baseline = client.generate(question, documents, **{**options, "strategy": "full"}) if args.compare else None
     else:
-        from ragkv.integrations.runtime import AnswerRequest, Document, GenerationOptions, RagRuntime, \
-            readable_namespaces
+        from ragkv.integrations.runtime import (
+            AnswerRequest,
+            Document,
+            GenerationOptions,
+            RagRuntime,
+            readable_namespaces,
+        )
 
         with RagRuntime.open(args.store, args.model, dtype=args.dtype) as runtime:
             def run(strategy: str | None) -> dict[str, Any]:
@@ -176,8 +182,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """A quick in-process benchmark: TTFT cold / warm / full on the sample questions, and 1 MB store gets."""
     import torch
 
-    from ragkv.integrations.runtime import AnswerRequest, Document, GenerationOptions, RagRuntime, \
-        readable_namespaces
+    from ragkv.integrations.runtime import (
+        AnswerRequest,
+        Document,
+        GenerationOptions,
+        RagRuntime,
+        readable_namespaces,
+    )
     from ragkv.integrations.sample_corpus import load_sample_corpus
     from ragkv.kvstore import ChunkKV, ChunkMeta, chunk_key
 
@@ -228,4 +239,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_serve", "cmd_warm", "cmd_ask", "cmd_bench", "print_answer"]
+__all__ = ["cmd_ask", "cmd_bench", "cmd_serve", "cmd_warm", "print_answer"]

@@ -7,7 +7,8 @@ server-sent events for streaming, container blobs for chunks).
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
 
 try:
     import httpx
@@ -82,7 +83,7 @@ class RagkvClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "RagkvClient":
+    def __enter__(self) -> RagkvClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -134,17 +135,16 @@ class RagkvClient:
     async def astream(self, query: str, documents: Sequence[str | Mapping[str, str]] = (), **options: Any
                       ) -> AsyncIterator[str | dict[str, Any]]:
         body = {"query": query, "documents": list(documents), **_clean(options), "stream": True}
-        async with self._async_client() as client:
-            async with client.stream("POST", "/v1/generate", json=body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    _raise_for(response)
-                parser = _EventParser()
-                async for line in response.aiter_lines():
-                    event = parser.feed(line)
-                    item = _decode_event(*event) if event is not None else None
-                    if item is not None:
-                        yield item
+        async with self._async_client() as client, client.stream("POST", "/v1/generate", json=body) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for(response)
+            parser = _EventParser()
+            async for line in response.aiter_lines():
+                event = parser.feed(line)
+                item = _decode_event(*event) if event is not None else None
+                if item is not None:
+                    yield item
 
     def lookup(self, keys: Sequence[str]) -> list[dict[str, Any]]:
         return list(self._post("/v1/chunks/lookup", {"keys": list(keys)})["results"])

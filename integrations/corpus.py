@@ -14,8 +14,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from ragkv.kvstore.errors import ConfigError
 
@@ -112,4 +113,4 @@ class ProgressBar:
         self._draw(final=True)
 
 
-__all__ = ["read_corpus", "split_text", "ProgressBar", "SPLITS"]
+__all__ = ["SPLITS", "ProgressBar", "read_corpus", "split_text"]

@@ -16,13 +16,15 @@ On disk: ``index.faiss`` (FAISS's own format), ``docs.jsonl`` (texts and metadat
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -73,7 +75,7 @@ class HashingEmbedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             words = _WORD.findall(text.lower())
-            for feature in words + [a + " " + b for a, b in zip(words, words[1:])]:
+            for feature in words + [a + " " + b for a, b in itertools.pairwise(words)]:
                 index, sign = self._bucket(feature)
                 out[row, index] += sign
         out = np.sign(out) * np.log1p(np.abs(out))
@@ -195,7 +197,7 @@ class FaissIndex:
         return target
 
     @classmethod
-    def load(cls, path: str | Path, embedder: Embedder | str | None = None) -> "FaissIndex":
+    def load(cls, path: str | Path, embedder: Embedder | str | None = None) -> FaissIndex:
         directory = Path(path).expanduser()
         try:
             meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
@@ -222,7 +224,7 @@ class FaissIndex:
         return index
 
     @classmethod
-    def open(cls, path: str | Path, embedder: Embedder | str | None = None) -> "FaissIndex":
+    def open(cls, path: str | Path, embedder: Embedder | str | None = None) -> FaissIndex:
         """Load the index at ``path`` if there is one, else start an empty one that saves there."""
         directory = Path(path).expanduser()
         if (directory / "meta.json").is_file():
@@ -240,4 +242,4 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["FaissIndex", "Hit", "Embedder", "HashingEmbedder", "MiniLMEmbedder", "make_embedder", "DEFAULT_EMBEDDER"]
+__all__ = ["DEFAULT_EMBEDDER", "Embedder", "FaissIndex", "HashingEmbedder", "Hit", "MiniLMEmbedder", "make_embedder"]

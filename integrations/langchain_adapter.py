@@ -13,7 +13,8 @@ Documents can also be passed explicitly: ``llm.invoke(messages, documents=[...])
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
@@ -233,4 +234,4 @@ def format_documents(docs: Sequence[Document]) -> str:
     return "\n\n".join(d.page_content for d in docs)
 
 
-__all__ = ["RagkvRetriever", "ChatRagkv", "format_documents"]
+__all__ = ["ChatRagkv", "RagkvRetriever", "format_documents"]

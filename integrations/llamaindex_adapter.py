@@ -12,7 +12,8 @@ prompt (``ragkv.integrations.backends.split_prompt``) and answers with the middl
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
@@ -167,4 +168,4 @@ class RagkvLLM(CustomLLM):
         return gen()
 
 
-__all__ = ["RagkvLlamaRetriever", "RagkvLLM", "node_text"]
+__all__ = ["RagkvLLM", "RagkvLlamaRetriever", "node_text"]

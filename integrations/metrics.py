@@ -6,11 +6,13 @@ so the metrics cannot grow with traffic. Recent TTFTs live in a fixed-size ring 
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RECENT_TTFTS = 120
@@ -189,7 +191,7 @@ class Metrics:
 
 
 def _fmt_float(v: float) -> str:
-    return repr(float(v)) if v == v else "NaN"
+    return "NaN" if math.isnan(v) else repr(float(v))
 
 
 def _escape(value: str) -> str:
@@ -200,4 +202,4 @@ def _labels(labels: Mapping[str, str]) -> str:
     return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
 
 
-__all__ = ["Metrics", "Histogram", "TtftSample", "cache_state", "LATENCY_BUCKETS_S"]
+__all__ = ["LATENCY_BUCKETS_S", "Histogram", "Metrics", "TtftSample", "cache_state"]

@@ -10,9 +10,10 @@ directory the middleware supports (Llama, Qwen2/3, Mistral), offline and from sa
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ragkv.kvstore.errors import ConfigError
 
@@ -175,6 +176,18 @@ def make_adapter(loaded: LoadedModel, start_token_id: int | None = None) -> Any:
     return ModelAdapter(loaded.model, tokenizer, start_token_id=start_token_id)
 
 
-__all__ = ["ModelInfo", "LoadedModel", "load_model", "load_default_model", "build_random_model", "word_tokenizer",
-           "bundled_model_dir", "bundled_model_available", "make_adapter", "KIND_BUNDLED", "KIND_LOCAL",
-           "KIND_RANDOM", "RANDOM_MODEL_LABEL"]
+__all__ = [
+    "KIND_BUNDLED",
+    "KIND_LOCAL",
+    "KIND_RANDOM",
+    "RANDOM_MODEL_LABEL",
+    "LoadedModel",
+    "ModelInfo",
+    "build_random_model",
+    "bundled_model_available",
+    "bundled_model_dir",
+    "load_default_model",
+    "load_model",
+    "make_adapter",
+    "word_tokenizer",
+]

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from ragkv.kvstore import SHARED_NAMESPACE, ChunkKV, ModelMismatch, RagKVError, TieredStore, check_key, key_namespace
-from ragkv.kvstore.errors import ConfigError
 from ragkv.integrations.models import LoadedModel, ModelInfo, load_model, make_adapter
+from ragkv.kvstore import (
+    SHARED_NAMESPACE,
+    ChunkKV,
+    ModelMismatch,
+    RagKVError,
+    TieredStore,
+    check_key,
+    key_namespace,
+)
+from ragkv.kvstore.errors import ConfigError
 
 
 class Overloaded(RagKVError):
@@ -166,7 +174,7 @@ class RagRuntime:
 
     @classmethod
     def open(cls, store: str | TieredStore | None = None, model: str | None = None, *, dtype: str | None = None,
-             **kwargs: Any) -> "RagRuntime":
+             **kwargs: Any) -> RagRuntime:
         """Open a store (spec, config file, or None for the embedded default) and load a model (None: default)."""
         loaded = load_model(model, dtype=dtype)
         if isinstance(store, TieredStore):
@@ -238,7 +246,7 @@ class RagRuntime:
         config = config_from_params(type(base.config), params)
         return self.engine.strategy(base.name, config)
 
-    def check(self, request: AnswerRequest) -> "CheckedRequest":
+    def check(self, request: AnswerRequest) -> CheckedRequest:
         """Everything that can be refused before model work: documents (keys resolved to token ids), token
         budgets, the strategy and its parameters, the generation options. Tokenizes each piece once."""
         from ragkv.middleware.context import PrepareRequest
@@ -263,7 +271,7 @@ class RagRuntime:
         prepare = PrepareRequest(query=query, chunks=chunks, system=system, namespace=request.namespace)
         return CheckedRequest(prepare, strategy, generation, bool(request.strategy_params))
 
-    def run(self, checked: "CheckedRequest", on_token: TokenCallback | None = None) -> Answer:
+    def run(self, checked: CheckedRequest, on_token: TokenCallback | None = None) -> Answer:
         """Prepare the prompt with the strategy and decode. ``on_token`` receives text pieces as they come and
         may raise ``Cancelled`` to stop."""
         callback = None
@@ -299,7 +307,7 @@ class RagRuntime:
         if self._own_store:
             self.store.close()
 
-    def __enter__(self) -> "RagRuntime":
+    def __enter__(self) -> RagRuntime:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -380,5 +388,18 @@ def readable_namespaces(namespace: str) -> frozenset[str]:
     return frozenset({namespace, SHARED_NAMESPACE})
 
 
-__all__ = ["RagRuntime", "AnswerRequest", "Answer", "Document", "DocumentReport", "GenerationOptions", "Overloaded",
-           "Forbidden", "NotFound", "Cancelled", "CheckedRequest", "config_from_params", "readable_namespaces"]
+__all__ = [
+    "Answer",
+    "AnswerRequest",
+    "Cancelled",
+    "CheckedRequest",
+    "Document",
+    "DocumentReport",
+    "Forbidden",
+    "GenerationOptions",
+    "NotFound",
+    "Overloaded",
+    "RagRuntime",
+    "config_from_params",
+    "readable_namespaces",
+]

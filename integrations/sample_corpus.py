@@ -15,10 +15,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "sample_corpus"
 QUESTIONS_FILE = "questions.jsonl"

@@ -216,7 +216,7 @@ class ServiceThread:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="ragkv-service", daemon=True)
 
-    def start(self, timeout_s: float = 30.0) -> "ServiceThread":
+    def start(self, timeout_s: float = 30.0) -> ServiceThread:
         self.thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
@@ -230,12 +230,20 @@ class ServiceThread:
         self.thread.join(timeout_s)
         self.sock.close()
 
-    def __enter__(self) -> "ServiceThread":
+    def __enter__(self) -> ServiceThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-__all__ = ["ServiceConfig", "ServiceThread", "serve", "build_state", "warm_sample", "example_request",
-           "SampleExample", "bind_socket"]
+__all__ = [
+    "SampleExample",
+    "ServiceConfig",
+    "ServiceThread",
+    "bind_socket",
+    "build_state",
+    "example_request",
+    "serve",
+    "warm_sample",
+]

@@ -12,11 +12,13 @@ while a generation runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Annotated, Any
 
 try:
     import anyio
@@ -57,9 +59,18 @@ from ragkv.integrations.service_models import (
 )
 from ragkv.integrations.status_page import render_status_page
 from ragkv.integrations.tenants import Tenant, TenantRegistry
-from ragkv.kvstore import ConfigError, CorruptEntry, ModelMismatch, RagKVError, TierUnavailable, check_key, read_header
+from ragkv.kvstore import (
+    ConfigError,
+    CorruptEntry,
+    ModelMismatch,
+    RagKVError,
+    TierUnavailable,
+    check_key,
+    read_header,
+)
 
-DOWNLOAD_SLICE = 1 << 20
+log = logging.getLogger(__name__)
+DOWNLOAD_SLICE = 4 << 20  # blobs up to this size go out in one piece (no copy); larger ones stream
 KEY_DOC = "Store key '<namespace>:<name>' (both parts of [A-Za-z0-9._-]); your namespace or 'shared'"
 
 
@@ -88,13 +99,19 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API k
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <API key>")
 
 
-def _tenant(request: Request, _bearer_credentials: Any = Security(_bearer), _key: Any = Security(_api_key)
-            ) -> Tenant:
-    """The tenant ``GuardMiddleware`` authenticated (the Security parameters only document the schemes)."""
+async def _tenant(request: Request, _bearer_credentials: Annotated[Any, Security(_bearer)] = None,
+                  _key: Annotated[Any, Security(_api_key)] = None) -> Tenant:
+    """The tenant ``GuardMiddleware`` authenticated (the Security parameters only document the schemes).
+    Async on purpose: FastAPI runs sync dependencies in a worker thread, a hop per request for nothing."""
     tenant = request.scope.get(TENANT_SCOPE_KEY)
     if tenant is None:
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant
+
+
+# Parameter types of the routes (module level: annotations are resolved in the module's namespace).
+KeyParam = Annotated[str, Path(description=KEY_DOC, max_length=200)]
+TenantDep = Annotated[Tenant, Depends(_tenant)]
 
 
 def _check_text(text: str, what: str, limit: int) -> str:
@@ -140,14 +157,13 @@ def create_app(state: ServiceState) -> FastAPI:
     app.add_exception_handler(RagKVError, handler(422))
 
     # -- chunks -------------------------------------------------------------------------------------------------
-    key_param = Path(description=KEY_DOC, max_length=200)
 
     @app.put("/v1/chunks/{key}", status_code=201, response_model=ChunkPutResponse, tags=["chunks"],
              summary="Store a chunk's container blob", responses=_errors(401, 403, 413, 415, 422),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
                  "schema": {"type": "string", "format": "binary"}}}}})
-    async def put_chunk(request: Request, key: str = key_param, tenant: Tenant = Depends(_tenant),
-                        ttl_s: float | None = Query(default=None, gt=0, le=10 * 365 * 86400)) -> ChunkPutResponse:
+    async def put_chunk(request: Request, key: KeyParam, tenant: TenantDep,
+                        ttl_s: Annotated[float | None, Query(gt=0, le=10 * 365 * 86400)] = None) -> ChunkPutResponse:
         key = _key(key)
         if not tenant.can_write(key):
             raise Forbidden(f"namespace of {key} is not writable with this API key")
@@ -168,7 +184,7 @@ def create_app(state: ServiceState) -> FastAPI:
              response_class=Response, responses={200: {"content": {"application/octet-stream": {
                  "schema": {"type": "string", "format": "binary"}}}, "description": "The container blob"},
                  **_errors(401, 403, 404, 422)})
-    async def get_chunk(key: str = key_param, tenant: Tenant = Depends(_tenant)) -> Response:
+    async def get_chunk(key: KeyParam, tenant: TenantDep) -> Response:
         key = _readable(tenant, key)
         blob = await anyio.to_thread.run_sync(runtime.store.get_blob, key)
         if blob is None:
@@ -188,7 +204,7 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.head("/v1/chunks/{key}", tags=["chunks"], summary="Whether a chunk is stored, its size and tier",
               response_class=Response, responses=_errors(401, 403, 404, 422))
-    async def head_chunk(key: str = key_param, tenant: Tenant = Depends(_tenant)) -> Response:
+    async def head_chunk(key: KeyParam, tenant: TenantDep) -> Response:
         key = _readable(tenant, key)
 
         def look() -> tuple[str | None, int | None]:
@@ -204,7 +220,7 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.delete("/v1/chunks/{key}", status_code=204, tags=["chunks"], summary="Delete a chunk from every tier",
                 response_class=Response, responses=_errors(401, 403, 404, 422))
-    async def delete_chunk(key: str = key_param, tenant: Tenant = Depends(_tenant)) -> Response:
+    async def delete_chunk(key: KeyParam, tenant: TenantDep) -> Response:
         key = _key(key)
         if not tenant.can_delete(key):
             raise Forbidden(f"chunks of {key.split(':')[0]!r} cannot be deleted with this API key")
@@ -215,7 +231,7 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.post("/v1/chunks/lookup", response_model=LookupResponse, tags=["chunks"],
               summary="Which keys are stored, and in which tier", responses=_errors(401, 403, 413, 415, 422))
-    async def lookup(body: LookupRequest, tenant: Tenant = Depends(_tenant)) -> LookupResponse:
+    async def lookup(body: LookupRequest, tenant: TenantDep) -> LookupResponse:
         if len(body.keys) > limits.max_lookup_keys:
             raise ConfigError(f"{len(body.keys)} keys; the limit is {limits.max_lookup_keys}")
         keys = [_readable(tenant, k) for k in body.keys]
@@ -226,7 +242,7 @@ def create_app(state: ServiceState) -> FastAPI:
     @app.post("/v1/warm", response_model=WarmResponse, tags=["rag"],
               summary="Compute and store the KV of chunk texts (already stored ones are skipped)",
               responses=_errors(401, 403, 413, 415, 422, 429))
-    async def warm(body: WarmRequest, tenant: Tenant = Depends(_tenant)) -> WarmResponse:
+    async def warm(body: WarmRequest, tenant: TenantDep) -> WarmResponse:
         if len(body.texts) > limits.max_warm_texts:
             raise ConfigError(f"{len(body.texts)} texts; the limit is {limits.max_warm_texts}")
         texts = [_check_text(t, f"text {i}", limits.max_text_chars) for i, t in enumerate(body.texts)]
@@ -300,6 +316,9 @@ def create_app(state: ServiceState) -> FastAPI:
                 return
             except (RagKVError, PermissionError) as exc:
                 result = ("error", str(exc))
+            except Exception as exc:  # the stream has started: report it in-band (and log it) instead of hanging
+                log.exception("streamed generation failed")
+                result = ("error", f"internal error: {type(exc).__name__}")
             loop.call_soon_threadsafe(queue.put_nowait, result)
 
         worker = loop.run_in_executor(None, work)
@@ -326,7 +345,7 @@ def create_app(state: ServiceState) -> FastAPI:
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                "description": "JSON, or server-sent events (token, done) when stream is true"},
                          **_errors(401, 403, 404, 413, 415, 422, 429)})
-    async def generate(body: GenerateRequest, tenant: Tenant = Depends(_tenant)) -> Any:
+    async def generate(body: GenerateRequest, tenant: TenantDep) -> Any:
         max_new = body.max_new_tokens or min(64, limits.max_new_tokens)
         request = answer_request(tenant, body, body.query, body.system, documents(body.documents),
                                  options(body, max_new, body.stop))
@@ -345,7 +364,7 @@ def create_app(state: ServiceState) -> FastAPI:
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                "description": "chat.completion, or chat.completion.chunk events when streaming"},
                          **_errors(401, 403, 404, 413, 415, 422, 429)})
-    async def chat_completions(body: ChatCompletionRequest, tenant: Tenant = Depends(_tenant)) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep) -> Any:
         system = "\n".join(m.text() for m in body.messages if m.role in ("system", "developer")) or None
         query = "\n".join(t for t in (m.text() for m in body.messages if m.role not in ("system", "developer")) if t)
         if not query.strip():
@@ -392,7 +411,7 @@ def create_app(state: ServiceState) -> FastAPI:
     # -- observability ------------------------------------------------------------------------------------------
     @app.get("/v1/stats", tags=["observability"], summary="Store, cache and service statistics (JSON)",
              responses=_errors(401))
-    async def stats(tenant: Tenant = Depends(_tenant)) -> dict[str, Any]:
+    async def stats(tenant: TenantDep) -> dict[str, Any]:
         store_stats = await anyio.to_thread.run_sync(runtime.store.stats)
         return {"tenant": tenant.name, "namespace": tenant.namespace, "store": store_stats,
                 "service": metrics.snapshot(), "model": runtime.info.to_dict(), "waiting": runtime.waiting}
@@ -421,4 +440,4 @@ def create_app(state: ServiceState) -> FastAPI:
     return app
 
 
-__all__ = ["create_app", "ServiceState"]
+__all__ = ["ServiceState", "create_app"]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from starlette.exceptions import HTTPException
 
@@ -213,4 +214,4 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return (head + "".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
 
 
-__all__ = ["GuardMiddleware", "ServiceLimits", "TENANT_SCOPE_KEY", "expected_content_type", "sse", "send_json"]
+__all__ = ["TENANT_SCOPE_KEY", "GuardMiddleware", "ServiceLimits", "expected_content_type", "send_json", "sse"]

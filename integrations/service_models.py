@@ -7,7 +7,7 @@ chat body ignores them, as OpenAI clients send many fields this server has no us
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 try:
     from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,13 +31,13 @@ class DocumentRef(BaseModel):
     key: str | None = Field(default=None, pattern=KEY_PATTERN, description="'<namespace>:<name>'")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "DocumentRef":
+    def _exactly_one(self) -> DocumentRef:
         if (self.text is None) == (self.key is None):
             raise ValueError("a document has exactly one of 'text' or 'key'")
         return self
 
 
-DocumentField = Union[str, DocumentRef]
+DocumentField = str | DocumentRef
 
 
 class WarmRequest(BaseModel):
@@ -200,7 +200,26 @@ class HealthResponse(BaseModel):
     sample_corpus: dict[str, Any] | None
 
 
-__all__ = ["ErrorBody", "DocumentRef", "DocumentField", "WarmRequest", "WarmResponse", "LookupRequest",
-           "LookupResult", "LookupResponse", "ChunkPutResponse", "GenerateRequest", "GenerateResponse",
-           "DocumentOutcome", "Usage", "ChatMessageIn", "ChatCompletionRequest", "ChatCompletionResponse",
-           "ChatChoice", "ChatMessageOut", "RagkvExtras", "HealthResponse", "KEY_PATTERN"]
+__all__ = [
+    "KEY_PATTERN",
+    "ChatChoice",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatMessageIn",
+    "ChatMessageOut",
+    "ChunkPutResponse",
+    "DocumentField",
+    "DocumentOutcome",
+    "DocumentRef",
+    "ErrorBody",
+    "GenerateRequest",
+    "GenerateResponse",
+    "HealthResponse",
+    "LookupRequest",
+    "LookupResponse",
+    "LookupResult",
+    "RagkvExtras",
+    "Usage",
+    "WarmRequest",
+    "WarmResponse",
+]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ragkv.integrations.metrics import TtftSample
 
@@ -40,8 +41,8 @@ def bar_chart(fig_id: str, title: str, rows: Sequence[tuple[str, float | None, s
     row_h, label_w, top = 30, 120, 34
     height = top + row_h * max(len(rows), 1) + 10
     bar_w = width - label_w - 150
-    parts = [f'<svg id="{_e(fig_id)}" class="figure" role="img" aria-label="{_e(title)}" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+    parts = [(f'<svg id="{_e(fig_id)}" class="figure" role="img" aria-label="{_e(title)}" width="{width}" '
+              f'height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">'),
              f'<text x="0" y="18" font-size="15" font-weight="600" fill="#1d2330">{_e(title)}</text>']
     if not rows:
         parts.append(f'<text x="0" y="{top + 18}" font-size="13" fill="#666">no data yet</text>')
@@ -60,8 +61,8 @@ def ttft_chart(fig_id: str, samples: Sequence[TtftSample], width: int = 1080, he
     """One bar per recent answer, height = TTFT (ms), colour = cache state of its documents."""
     left, top, bottom = 56, 30, 28
     plot_w, plot_h = width - left - 10, height - top - bottom
-    parts = [f'<svg id="{_e(fig_id)}" class="figure" role="img" aria-label="recent time to first token" '
-             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+    parts = [(f'<svg id="{_e(fig_id)}" class="figure" role="img" aria-label="recent time to first token" '
+              f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">'),
              '<text x="0" y="18" font-size="15" font-weight="600" fill="#1d2330">Recent time to first token (ms)</text>']
     legend_x = 320
     for state, colour in STATE_COLOURS.items():
@@ -148,4 +149,4 @@ API: <a href="/docs">/docs</a> · health: <a href="/healthz">/healthz</a></p>
 """
 
 
-__all__ = ["render_status_page", "bar_chart", "ttft_chart", "STATE_COLOURS"]
+__all__ = ["STATE_COLOURS", "bar_chart", "render_status_page", "ttft_chart"]

@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ragkv.kvstore import SHARED_NAMESPACE, ConfigError, check_key, key_namespace
 from ragkv.kvstore.chunk import check_namespace
@@ -74,11 +75,11 @@ class TenantRegistry:
         self._open_tenant = Tenant(OPEN_TENANT, OPEN_TENANT, publish=True, admin=True)
 
     @classmethod
-    def open_access(cls) -> "TenantRegistry":
+    def open_access(cls) -> TenantRegistry:
         return cls(None)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TenantRegistry":
+    def from_file(cls, path: str | Path) -> TenantRegistry:
         p = Path(path)
         try:
             text = p.read_text(encoding="utf-8")
@@ -97,7 +98,7 @@ class TenantRegistry:
         return cls.from_mapping(data)
 
     @classmethod
-    def from_mapping(cls, data: Any) -> "TenantRegistry":
+    def from_mapping(cls, data: Any) -> TenantRegistry:
         if not isinstance(data, Mapping) or not isinstance(data.get("tenants"), list) or not data["tenants"]:
             raise ConfigError('an API keys file holds {"tenants": [{"name": ..., "keys": [...]}, ...]}')
         by_digest: dict[str, Tenant] = {}
@@ -160,4 +161,4 @@ def parse_key(key: str) -> str:
     return check_key(key)
 
 
-__all__ = ["Tenant", "TenantRegistry", "OPEN_TENANT", "parse_key"]
+__all__ = ["OPEN_TENANT", "Tenant", "TenantRegistry", "parse_key"]

@@ -5,8 +5,9 @@ limits so the limit tests stay cheap). Tests call it over HTTP with httpx, as an
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -36,7 +37,7 @@ def _env(cache: Path) -> dict[str, str]:
     return env
 
 
-def _lines(stream: IO[str]) -> "queue.Queue[str | None]":
+def _lines(stream: IO[str]) -> queue.Queue[str | None]:
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -106,7 +107,7 @@ def test_serve_prints_url_and_a_request_answered_from_the_cache(served: dict[str
 
 def test_ask_against_the_running_service(served: dict[str, Any]) -> None:
     proc = subprocess.run([*_ragkv(), "ask", "--url", served["url"], "--sample", "0", "--json"], capture_output=True,
-                          text=True, env=_env(served["cache"]), timeout=120)
+                          text=True, env=_env(served["cache"]), timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)["result"]
     assert all(d["hit"] for d in result["documents"]) and result["ttft_ms"] > 0
@@ -120,19 +121,19 @@ def test_warm_then_ask_with_the_builtin_index(tmp_path: Path) -> None:
     jsonl.write_text("".join(json.dumps({"chunks": list(q.chunks)}) + "\n" for q in corpus.questions[:6]))
     env, index = _env(tmp_path / "cache"), tmp_path / "index"
     warm = subprocess.run([*_ragkv(), "warm", str(jsonl), "--index", str(index), "--embedder", "hashing"],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert warm.returncode == 0, warm.stderr[-2000:]
     chunks = sum(len(q.chunks) for q in corpus.questions[:6])
     assert f"warmed {chunks} chunks" in warm.stdout and f"{chunks} computed" in warm.stdout
     assert "warm [" in warm.stderr and "100.0%" in warm.stderr  # the progress bar
     q = corpus.questions[0]
     ask = subprocess.run([*_ragkv(), "ask", q.question, "--index", str(index), "-k", "4", "--max-new-tokens", "1",
-                          "--compare"], capture_output=True, text=True, env=env, timeout=300)
+                          "--compare"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert ask.returncode == 0, ask.stderr[-2000:]
     assert "answer:" in ask.stdout and "TTFT" in ask.stdout and "prepare" in ask.stdout
     assert "documents: 4 of 4 from the cache (disk: 4)" in ask.stdout  # a new process: read back from disk
     assert "full prefill: TTFT" in ask.stdout
-    stats = subprocess.run([*_ragkv(), "stats"], capture_output=True, text=True, env=env, timeout=120)
+    stats = subprocess.run([*_ragkv(), "stats"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert stats.returncode == 0 and json.loads(stats.stdout)["tiers"]["disk"]["entries"] == chunks
 
 

@@ -2,7 +2,8 @@
 bodies and parameters), each documented in the OpenAPI schema."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -78,8 +79,8 @@ def test_malformed_keys_get_422(alice: httpx.Client, key: str) -> None:
     ("/v1/generate", b'{"query": "q", "max_new_tokens": 0}'),
     ("/v1/generate", b'{"query": "q", "documents": [{"text": "a", "key": "alice:x"}]}'),
     ("/v1/generate", b'{"query": "q", "documents": [{}]}'),
-    ("/v1/generate", b'{"query": "q", "documents": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", '
-                     b'"m", "n", "o", "p", "q"]}'),
+    ("/v1/generate", (b'{"query": "q", "documents": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", '
+                      b'"m", "n", "o", "p", "q"]}')),
     ("/v1/generate", b'{"query": "q", "strategy": "magic"}'),
     ("/v1/generate", b'{"query": "q", "strategy": "blend", "strategy_params": {"ratio": 7}}'),
     ("/v1/generate", b'{"query": "q", "strategy": "blend", "strategy_params": {"bogus": 1}}'),

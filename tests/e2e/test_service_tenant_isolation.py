@@ -19,7 +19,7 @@ def _private_chunk(client: httpx.Client) -> tuple[str, str, bytes]:
 
 
 def test_another_tenants_private_chunk_is_unreachable(alice: httpx.Client, bob: httpx.Client) -> None:
-    text, key, blob = _private_chunk(alice)
+    _, key, blob = _private_chunk(alice)
     assert key.startswith("alice:")
     missing = "alice:" + "0" * 40
     for target in (key, missing):  # the same answer whether the chunk exists or not: existence does not leak
@@ -78,7 +78,7 @@ def test_shared_namespace_publish_read_and_admin_delete(service: Any, alice: htt
     with service.client("reader") as reader:
         assert reader.get(f"/v1/chunks/{key}").status_code == 200
         assert reader.post("/v1/warm", json={"texts": ["k1 v1 ;"], "shared": True}).status_code == 403
-        assert reader.put(f"/v1/chunks/shared:by-reader", content=blob.content, headers=OCTET).status_code == 403
+        assert reader.put("/v1/chunks/shared:by-reader", content=blob.content, headers=OCTET).status_code == 403
         assert reader.post("/v1/generate", json={"query": "Q k1 ?", "documents": ["k1 v1 ;"],
                                                  "shared": True}).status_code == 403
     with service.client("admin") as admin:

@@ -6,8 +6,9 @@ memory in front of a disk directory under pytest's tmp dir.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch

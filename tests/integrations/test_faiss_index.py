@@ -19,7 +19,7 @@ def test_add_search_and_dedupe() -> None:
     assert ids == list(range(5)) and len(index) == 5
     assert index.add([TEXTS[2], "new text"]) == [2, 5] and len(index) == 6
     hits = index.search("cat on a mat", k=2)
-    assert [h.text for h in hits][0] == "the cat sat on the mat" and hits[0].metadata == {"n": 0}
+    assert hits[0].text == "the cat sat on the mat" and hits[0].metadata == {"n": 0}
     assert hits[0].score >= hits[1].score and len(index.search("x", k=50)) == 6
     assert "new text" in index and "absent" not in index
     with pytest.raises(ConfigError):

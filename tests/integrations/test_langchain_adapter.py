@@ -9,19 +9,19 @@ import pytest
 pytest.importorskip("langchain_core")
 pytest.importorskip("langchain_tests")
 
-from langchain_core.documents import Document  # noqa: E402
-from langchain_core.embeddings import DeterministicFakeEmbedding  # noqa: E402
-from langchain_core.output_parsers import StrOutputParser  # noqa: E402
-from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
-from langchain_core.runnables import RunnablePassthrough  # noqa: E402
-from langchain_core.vectorstores import InMemoryVectorStore  # noqa: E402
-from langchain_tests.integration_tests import RetrieversIntegrationTests  # noqa: E402
-from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
+from langchain_core.documents import Document
+from langchain_core.embeddings import DeterministicFakeEmbedding
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnablePassthrough
+from langchain_core.vectorstores import InMemoryVectorStore
+from langchain_tests.integration_tests import RetrieversIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
 
-from ragkv.integrations.backends import LocalBackend  # noqa: E402
-from ragkv.integrations.faiss_retriever import FaissIndex, HashingEmbedder  # noqa: E402
-from ragkv.integrations.langchain_adapter import ChatRagkv, RagkvRetriever, format_documents  # noqa: E402
-from ragkv.integrations.models import KIND_BUNDLED  # noqa: E402
+from ragkv.integrations.backends import LocalBackend
+from ragkv.integrations.faiss_retriever import FaissIndex, HashingEmbedder
+from ragkv.integrations.langchain_adapter import ChatRagkv, RagkvRetriever, format_documents
+from ragkv.integrations.models import KIND_BUNDLED
 
 CORPUS = ["k1 v2 ; the k3 v4 ;", "k5 v6 ; of k7 v8 ;", "k9 v10 ; and k11 v12 ;", "k13 v14 ; see k15 v16 ;",
           "k17 v18 ; to k19 v20 ;", "k21 v22 ; in k23 v24 ;"]
@@ -91,7 +91,7 @@ def test_wrapper_returns_base_documents_unchanged_and_warms_them(tiny_runtime: A
     assert got == expected  # drop-in: same documents, same order, same metadata
     keys = [tiny_runtime.key_for(d.page_content, "langchain") for d in got]
     assert all(tiny_runtime.store.contains(k) for k in keys)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="exactly one"):  # pydantic wraps the ConfigError (a ValueError)
         RagkvRetriever(backend=_SHARED["backend"])  # neither a base retriever nor an index
 
 

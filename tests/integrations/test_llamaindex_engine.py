@@ -8,14 +8,15 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
-from llama_index.core.base.base_retriever import BaseRetriever  # noqa: E402
-from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
-from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode  # noqa: E402
+from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
-from ragkv.integrations.backends import LocalBackend  # noqa: E402
-from ragkv.integrations.faiss_retriever import FaissIndex, HashingEmbedder  # noqa: E402
-from ragkv.integrations.llamaindex_adapter import RagkvLlamaRetriever, RagkvLLM, node_text  # noqa: E402
-from ragkv.integrations.models import KIND_BUNDLED  # noqa: E402
+from ragkv.integrations.backends import LocalBackend
+from ragkv.integrations.faiss_retriever import FaissIndex, HashingEmbedder
+from ragkv.integrations.llamaindex_adapter import RagkvLlamaRetriever, RagkvLLM, node_text
+from ragkv.integrations.models import KIND_BUNDLED
+from ragkv.kvstore import ConfigError
 
 
 class FixedRetriever(BaseRetriever):
@@ -86,5 +87,5 @@ def test_builtin_index_as_the_retriever(backend: RecordingBackend) -> None:
     engine = RetrieverQueryEngine.from_args(retriever, llm=RagkvLLM(backend=backend, max_new_tokens=1))
     engine.query("k13 v14")
     assert all(d.hit for d in backend.answers[-1].documents if d.tokens >= 5)
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="exactly one"):
         RagkvLlamaRetriever(backend)
