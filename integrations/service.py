@@ -128,7 +128,11 @@ def build_state(config: ServiceConfig, runtime: RagRuntime | None = None, out: T
     if config.sample:
         namespace = OPEN_TENANT if registry.open else SHARED_NAMESPACE
         start = time.perf_counter()
-        info, example = warm_sample(runtime, namespace)
+        try:
+            info, example = warm_sample(runtime, namespace)
+        except OSError as exc:  # an install without the sample corpus files: serve anyway, say why
+            log.warning("the sample corpus could not be loaded (%s); serving without it", exc)
+            return state
         state.sample = info
         state.sample_example = example
         if out is not None:

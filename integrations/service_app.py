@@ -169,8 +169,13 @@ def create_app(state: ServiceState) -> FastAPI:
             raise Forbidden(f"namespace of {key} is not writable with this API key")
         async with upload_slots:
             blob = await request.body()
-            header = read_header(blob)  # CorruptEntry -> 422, before anything is stored
-            await anyio.to_thread.run_sync(lambda: runtime.store.put_blob(key, blob, ttl_s=ttl_s))
+
+            def store() -> Any:
+                header = read_header(blob)  # validated (checksum too: CorruptEntry -> 422) before it is stored
+                runtime.store.put_blob(key, blob, ttl_s=ttl_s)
+                return header
+
+            header = await anyio.to_thread.run_sync(store)  # checksums of large blobs stay off the event loop
         metrics.add_chunk_bytes("received", len(blob))
         return ChunkPutResponse(key=key, bytes=len(blob), tokens=len(header.meta.token_ids), codec=header.codec)
 
