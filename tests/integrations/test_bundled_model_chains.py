@@ -1,7 +1,8 @@
 """With the bundled model (once it ships): framework chains over the sample corpus answer correctly from the cache."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
