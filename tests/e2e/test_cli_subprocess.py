@@ -153,5 +153,9 @@ def test_warm_resumes_where_an_interrupted_run_stopped(tmp_path: Path, monkeypat
     out = capsys.readouterr().out
     assert "answer:" in out and "expected:" in out
     assert cli_main(["demo", "--chunks", "2", "--tokens", "8"]) == 0
+    capsys.readouterr()
+    assert cli_main(["bench", "--questions", "2", "--seconds", "0.2", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["ttft_ms"]["warm"] > 0 and bench["store_get_blob_mbps"] > 0
     assert cli_main(["ask"]) == 2  # no question: a clear error, not a traceback
     assert "needs a question" in capsys.readouterr().err
