@@ -150,7 +150,9 @@ class ChatRagkv(BaseChatModel):
             return self.backend
         if self.base_url is not None:
             key = self.api_key.get_secret_value() if self.api_key is not None else None
-            self.backend = HttpBackend.connect(self.base_url, key)
+            from ragkv.integrations.client import RagkvClient
+
+            self.backend = HttpBackend(RagkvClient(self.base_url, key, timeout_s=self.timeout or 300.0))
             return self.backend
         raise ConfigError("ChatRagkv needs backend= (LocalBackend/HttpBackend) or base_url=")
 
