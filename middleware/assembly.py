@@ -105,28 +105,42 @@ class LayerFeed:
         self.segments = [s for s in prompt.chunks if s.index in loaded]
         self._span: tuple[int, int] | None = None
         self._cos = self._sin = torch.empty(0)
-        moved = [s for s in self.segments if s.start != loaded[s.index].meta.position]
-        if moved:
-            lo, hi = min(s.start for s in moved), max(s.end for s in moved)
-            dim = adapter.head_dim
-            cos = torch.ones(hi - lo, dim, dtype=torch.float32)
-            sin = torch.zeros(hi - lo, dim, dtype=torch.float32)
-            inv_freq = adapter.inv_freq
-            for seg in moved:
-                c, s_ = delta_cos_sin(inv_freq, seg.start - loaded[seg.index].meta.position)  # [D]
-                cos[seg.start - lo:seg.end - lo] = c
-                sin[seg.start - lo:seg.end - lo] = s_
-            self._span = (lo, hi)
-            self._cos, self._sin = cos.to(adapter.device), sin.to(adapter.device)  # [span, D]
+        self._rotation_ready = False
 
-    def fill(self, layer: int, kv_layer: torch.Tensor) -> None:
-        """kv_layer: [2, 1, H, N, D] (a view into the sequence buffer), written in place."""
+    def _prepare_rotation(self) -> None:
+        """Per-row cos/sin over the span of moved chunks (waits for the stored positions of pipelined loads)."""
+        self._rotation_ready = True
+        positions = {s.index: self.loaded[s.index].wait_meta().position for s in self.segments}
+        moved = [s for s in self.segments if s.start != positions[s.index]]
+        if not moved:
+            return
+        lo, hi = min(s.start for s in moved), max(s.end for s in moved)
+        cos = torch.ones(hi - lo, self.adapter.head_dim, dtype=torch.float32)
+        sin = torch.zeros(hi - lo, self.adapter.head_dim, dtype=torch.float32)
+        inv_freq = self.adapter.inv_freq
+        for seg in moved:
+            c, s_ = delta_cos_sin(inv_freq, seg.start - positions[seg.index])  # [D]
+            cos[seg.start - lo:seg.end - lo] = c
+            sin[seg.start - lo:seg.end - lo] = s_
+        self._span = (lo, hi)
+        self._cos, self._sin = cos.to(self.adapter.device), sin.to(self.adapter.device)  # [span, D]
+
+    def fill(self, layer: int, kv_layer: torch.Tensor, chunks: bool = True) -> None:
+        """kv_layer: [2, 1, H, N, D] (a view into the sequence buffer), written in place. ``chunks=False``
+        writes only the prefix: the caller recomputes every chunk row of this layer (blend's layer 0), so
+        the chunks' cached KV is not waited for."""
         if self.prefix_kv is not None:
             p = self.prefix_kv.shape[4]
             kv_layer[:, :, :, :p] = self.prefix_kv[layer]
+        if not chunks or not self.segments:
+            return
+        if not self._rotation_ready:
+            start = time.perf_counter()
+            self._prepare_rotation()
+            self.wait_seconds += time.perf_counter() - start
         for seg in self.segments:
             start = time.perf_counter()
-            src = self.loaded[seg.index].layer(layer)  # [2, H, T, D]
+            src = self.loaded[seg.index].layer(layer).to(kv_layer.device, non_blocking=True)  # [2, H, T, D]
             self.wait_seconds += time.perf_counter() - start
             kv_layer[:, 0, :, seg.start:seg.end] = src
         if self._span is not None:
@@ -143,7 +157,7 @@ class StaticFeed:
         self.rows = rows  # slots to copy (None: all); other slots are computed by the caller
         self.wait_seconds = 0.0
 
-    def fill(self, layer: int, kv_layer: torch.Tensor) -> None:
+    def fill(self, layer: int, kv_layer: torch.Tensor, chunks: bool = True) -> None:
         if self.rows is None:
             kv_layer.copy_(self.kv[layer])
         else:

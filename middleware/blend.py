@@ -87,7 +87,8 @@ class BlendStrategy(CachedChunksStrategy):
         checks = check_schedule(ratio, tuple(self.config.check_layers), self.config.schedule,
                                 int(candidates.numel()), self.adapter.num_layers)
         out, timings["compute"] = self._run(prompt, feed, always=always, candidates=candidates, checks=checks,
-                                            selector=self.selector, deviation=self.config.deviation)
+                                            selector=self.selector, deviation=self.config.deviation,
+                                            cached_rows=candidates)
         final = out.final_rows if out.final_rows is not None else torch.zeros(0, dtype=torch.long)
         by_index = {s.index: s for s in prompt.chunks}
         for info in infos:

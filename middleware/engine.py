@@ -149,7 +149,14 @@ class ContextEngine:
                     src[by_key[s.key]] = sources[s.index]
 
         def recompute(i: int) -> ChunkKV:
-            return self.cacher.compute([token_lists[i]])[0]
+            """For a stored chunk that turned out unusable while loading in the background."""
+            chunk = self.cacher.compute([token_lists[i]])[0]
+            if request.store_misses:
+                self.store.put(keys[i], chunk)
+                found = loaded[i]
+                if found is not None:
+                    found.stored = True
+            return chunk
 
         loaded = self.loader.load(keys, token_lists, pipelined=pipelined, recompute=recompute, sources=src)
         misses = [i for i, c in enumerate(loaded) if c is None]

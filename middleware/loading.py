@@ -1,14 +1,17 @@
 """Fetching cached chunks from the store, with layer-wise pipelining for chunks held encoded on slow tiers.
 
 A chunk on a fast tier (host, device) arrives decoded: every layer is ready at once. A chunk on a slow tier
-(disk, Redis) arrives as a container blob; a background thread decodes it layer by layer (layer-major over
-all such chunks: layer 0 of every chunk, then layer 1, ...) while the caller computes, and ``layer(l)``
-blocks only until layer ``l`` is decoded. Each layer is decoded with the codec's ``decode_layers`` from
-the payload; the blob's checksum is validated once up front (``read_header``), not once per layer.
+(disk, Redis) arrives as a container blob. With pipelining, one background thread reads the blobs,
+validates each once (``read_header``: magic, sizes, checksum), then decodes them layer-major (layer 0 of
+every chunk, then layer 1, ...) with the codec's ``decode_layers`` on the payload, while the caller
+computes; ``layer(l)`` blocks only until layer ``l`` is decoded. ``blend`` recomputes every chunk row in
+layer 0 and so needs no cached KV there: the reading overlaps layer 0's compute, the decoding the rest.
 
 The store may be one ``Tier`` or a ``TieredStore`` (anything with ``tiers``/``names``); any other object
 with ``get``/``contains`` works, without pipelining. A chunk whose metadata does not match what the
-adapter expects (fingerprint, token ids, shape, dtype) is a miss, never served.
+adapter expects (fingerprint, token ids, shape, dtype) is never served: without pipelining it is a miss;
+with pipelining, where that is found out in the background, it is recomputed from its tokens (and stored
+back) when first needed, as is a blob that fails to decode mid-way.
 """
 from __future__ import annotations
 
@@ -39,7 +42,11 @@ DECODED = "decoded"  # codec reported for chunks held as tensors (host/device ti
 
 @dataclass
 class LoadedChunk:
-    """One chunk's KV as it arrives: whole (fast tiers, or just computed) or layer by layer (slow tiers)."""
+    """One chunk's KV as it arrives: whole (fast tiers, or just computed) or layer by layer (slow tiers).
+
+    For a pipelined load from a slow tier, ``meta`` is first the expected metadata and is replaced by the
+    stored one once the background thread has read and validated the blob (``wait_meta``).
+    """
 
     key: str
     meta: ChunkMeta
@@ -51,12 +58,22 @@ class LoadedChunk:
     _full: torch.Tensor | None = None  # [L, 2, H, T, D]
     _layers: list[torch.Tensor | None] = field(default_factory=list)
     _ready: list[threading.Event] = field(default_factory=list)
+    _meta_ready: threading.Event | None = None
     _error: BaseException | None = None
     _recompute: Callable[[], ChunkKV] | None = None
+    stored: bool = False  # recomputed after a failed load and written back
 
     @property
     def num_tokens(self) -> int:
         return len(self.meta.token_ids)
+
+    def wait_meta(self) -> ChunkMeta:
+        """The stored metadata (waits for the blob's header when it is still being fetched)."""
+        if self._meta_ready is not None and self._full is None:
+            self._meta_ready.wait()
+            if self._error is not None:
+                self._fallback()
+        return self.meta
 
     def layer(self, layer: int) -> torch.Tensor:
         """[2, H, T, D] of ``layer``; waits for a pipelined decode to reach it."""
@@ -78,23 +95,27 @@ class LoadedChunk:
         return self._full
 
     def _fallback(self) -> None:
-        """A blob that validated but failed to decode: compute the chunk from its tokens instead."""
+        """A blob that could not be used after all (unreadable, invalid, or failing to decode mid-way):
+        compute the chunk from its tokens instead."""
         if self._full is not None:
             return
         if self._recompute is None:
-            raise CorruptEntry(f"chunk {self.key} failed to decode: {self._error}") from self._error
-        log.warning("chunk %s failed to decode (%s); recomputing it from its tokens", self.key, self._error)
-        self._full = self._recompute().kv
+            raise CorruptEntry(f"chunk {self.key} could not be loaded: {self._error}") from self._error
+        log.warning("chunk %s could not be loaded (%s); recomputing it from its tokens", self.key, self._error)
+        chunk = self._recompute()
+        self._full, self.meta = chunk.kv, chunk.meta
         self.tier, self.codec, self.hit = None, None, False
 
 
 @dataclass
 class _Pending:
     chunk: LoadedChunk
-    payload: memoryview
-    codec: Any
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+    tier: Any
+    token_ids: Sequence[int]
+    payload: memoryview | None = None
+    codec: Any = None
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
 
 
 def _payload(blob: bytes) -> memoryview:
@@ -141,13 +162,18 @@ class ChunkLoader:
             log.warning("ignoring a stored chunk that does not match the model or its tokens (treated as a miss)")
         return ok
 
+    def _expected_meta(self, token_ids: Sequence[int]) -> ChunkMeta:
+        return ChunkMeta(fingerprint=str(self.adapter.fingerprint), token_ids=tuple(token_ids), position=1,
+                         dtype=self.adapter.dtype_name, rope=True)
+
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self, keys: Sequence[str], token_lists: Sequence[Sequence[int]], pipelined: bool = True,
              recompute: Callable[[int], ChunkKV] | None = None, sources: Sequence[str | None] | None = None,
              ) -> list[LoadedChunk | None]:
         """Fetch ``keys``; ``None`` for a miss. ``sources`` optionally names the tier to read each key from
-        (the controller's choice); otherwise the fastest holder. With ``pipelined``, chunks held encoded are
-        decoded layer by layer in a background thread."""
+        (the controller's choice), else the fastest holder. With ``pipelined``, chunks held encoded are read,
+        validated and decoded layer by layer in a background thread (a blob that turns out unusable there
+        is recomputed from its tokens when first needed)."""
         results: list[LoadedChunk | None] = [None] * len(keys)
         pending: list[_Pending] = []
         tiers = self._tiers()
@@ -171,7 +197,7 @@ class ChunkLoader:
                     results[i] = loaded
                     break
         if pending:
-            thread = threading.Thread(target=self._decode_layers, args=(pending,), name="ragkv-layer-decode",
+            thread = threading.Thread(target=self._fetch_and_decode, args=(pending,), name="ragkv-layer-decode",
                                       daemon=True)
             thread.start()
         return results
@@ -187,66 +213,96 @@ class ChunkLoader:
                 return None
             return LoadedChunk(key, chunk.meta, name, DECODED, chunk.nbytes,
                                load_seconds=time.perf_counter() - start, _full=chunk.kv)
-        try:
-            blob = tier.get_blob(key)
-        except TierUnavailable:
-            return None
-        if blob is None:
-            return None
-        try:
-            header = read_header(blob)
-        except CorruptEntry:
-            tier.delete(key)
-            return None
-        if header.expired() or not self._valid(header.meta, header.shape, header.dtype, ids):
-            return None
-        num_layers = header.shape[0]
-        chunk = LoadedChunk(key, header.meta, name, header.codec, len(blob),
-                            load_seconds=time.perf_counter() - start,
-                            _layers=[None] * num_layers, _ready=[threading.Event() for _ in range(num_layers)])
-        try:
-            codec = get_codec(header.codec, header.params)
-        except CodecError:
-            return None
-        item = _Pending(chunk, _payload(blob), codec, header.shape, dtype_from_name(header.dtype))
+        num_layers = self.adapter.num_layers
+        chunk = LoadedChunk(key, self._expected_meta(ids), name, tier.codec.name, 0,
+                            _layers=[None] * num_layers, _ready=[threading.Event() for _ in range(num_layers)],
+                            _meta_ready=threading.Event())
+        item = _Pending(chunk, tier, ids)
         if pipelined:
             pending.append(item)
-        else:
-            self._decode_layers([item])
+            return chunk
+        # synchronous: read and validate now, so an unusable blob is an ordinary miss
+        if not self._fetch(item):
+            return None
+        self._decode([item])
         return chunk
 
-    def _decode_layers(self, pending: list[_Pending]) -> None:
-        """Background decode, layer-major. Any failure is recorded on the chunk (its reader then recomputes
-        it from its tokens); every event is set in the end, so a reader can never wait forever."""
+    def _fetch(self, p: _Pending) -> bool:
+        """Read and validate one blob; on any problem record it on the chunk and return False."""
+        c = p.chunk
+        start = time.perf_counter()
+        problem: str | None = None
         try:
-            num_layers = max(p.shape[0] for p in pending)
-            for layer in range(num_layers):
-                for p in pending:
-                    c = p.chunk
-                    if c._error is None:
-                        try:
-                            start = time.perf_counter()
-                            c._layers[layer] = p.codec.decode_layers(p.payload, p.shape, p.dtype, [layer])[0]
-                            c.load_seconds += time.perf_counter() - start
-                        except (CodecError, ValueError, RuntimeError, IndexError) as exc:  # reader recomputes
-                            c._error = exc
-                    if c._error is not None:
-                        for event in c._ready:
-                            event.set()
-                    else:
-                        c._ready[layer].set()
-            if self.promote:
-                for p in pending:
-                    self._promote(p.chunk)
+            blob = p.tier.get_blob(c.key)
+        except TierUnavailable as exc:
+            blob, problem = None, f"tier unavailable: {exc}"
+        if blob is None:
+            problem = problem or "entry vanished"
+        else:
+            try:
+                header = read_header(blob)
+            except CorruptEntry as exc:
+                p.tier.delete(c.key)
+                header, problem = None, f"corrupt entry: {exc}"
+            if header is not None:
+                if header.expired() or not self._valid(header.meta, header.shape, header.dtype, p.token_ids):
+                    problem = "expired or does not match the model"
+                else:
+                    try:
+                        p.codec = get_codec(header.codec, header.params)
+                        p.payload, p.shape, p.dtype = _payload(blob), header.shape, dtype_from_name(header.dtype)
+                        c.meta, c.codec, c.nbytes = header.meta, header.codec, len(blob)
+                    except CodecError as exc:
+                        problem = f"codec: {exc}"
+        c.load_seconds += time.perf_counter() - start
+        if problem is not None:
+            c._error = RuntimeError(problem)
+            for event in c._ready:
+                event.set()
+        assert c._meta_ready is not None
+        c._meta_ready.set()
+        return problem is None
+
+    def _fetch_and_decode(self, pending: list[_Pending]) -> None:
+        try:
+            ok = [p for p in pending if self._fetch(p)]
+            if ok:
+                self._decode(ok)
         finally:
-            for p in pending:
-                if not all(e.is_set() for e in p.chunk._ready):
-                    p.chunk._error = p.chunk._error or RuntimeError("layer decoding stopped early")
-                    for event in p.chunk._ready:
+            for p in pending:  # whatever happened, no reader may wait forever
+                c = p.chunk
+                if c._meta_ready is not None and not c._meta_ready.is_set():
+                    c._error = c._error or RuntimeError("loading stopped early")
+                    c._meta_ready.set()
+                if not all(e.is_set() for e in c._ready):
+                    c._error = c._error or RuntimeError("layer decoding stopped early")
+                    for event in c._ready:
                         event.set()
 
+    def _decode(self, pending: list[_Pending]) -> None:
+        """Decode layer-major. A failure is recorded on the chunk (its reader then recomputes it)."""
+        num_layers = max(p.shape[0] for p in pending)
+        for layer in range(num_layers):
+            for p in pending:
+                c = p.chunk
+                if c._error is None:
+                    try:
+                        start = time.perf_counter()
+                        c._layers[layer] = p.codec.decode_layers(p.payload, p.shape, p.dtype, [layer])[0]
+                        c.load_seconds += time.perf_counter() - start
+                    except (CodecError, ValueError, RuntimeError, IndexError) as exc:  # reader recomputes
+                        c._error = exc
+                if c._error is not None:
+                    for event in c._ready:
+                        event.set()
+                else:
+                    c._ready[layer].set()
+        if self.promote:
+            for p in pending:
+                self._promote(p.chunk)
+
     def _promote(self, chunk: LoadedChunk) -> None:
-        """After a pipelined load from a slow tier, put the decoded chunk into the faster decoded tiers."""
+        """After a load from a slow tier, put the decoded chunk into the faster decoded tiers."""
         tiers = self._tiers()
         if chunk._error is not None or len(tiers) < 2:
             return

@@ -80,7 +80,7 @@ class CheckLayer:
 
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, RowMask], None]
-Fill = Callable[[int, torch.Tensor], None]
+Fill = Callable[[int, torch.Tensor, bool], None]
 
 
 @dataclass
@@ -96,11 +96,14 @@ class SelectiveOutput:
 def selective_prefill(adapter: ModelAdapter, ids: torch.Tensor, positions: torch.Tensor, fill: Fill,
                       always: torch.Tensor, candidates: torch.Tensor | None = None,
                       checks: tuple[CheckLayer, ...] = (), selector: Selector | None = None,
-                      deviation: str = "key", observe: Observer | None = None) -> SelectiveOutput:
+                      deviation: str = "key", observe: Observer | None = None,
+                      cached_rows: torch.Tensor | None = None) -> SelectiveOutput:
     """ids, positions: [N] (slot -> token, absolute position); ``always``/``candidates``: slot indices.
 
     The last slot must be in ``always`` (its logits are returned). ``observe(layer, q, rows, kv_layer, mask)``
-    sees each layer's active queries before attention.
+    sees each layer's active queries before attention. ``cached_rows`` (the slots the feed fills from
+    cached chunks) lets a layer in which all of them are recomputed skip waiting for the cache
+    (``fill(layer, kv_layer, False)``); without it the feed always fills them.
     """
     if deviation not in DEVIATIONS:
         raise ConfigError(f"deviation must be one of {DEVIATIONS}, got {deviation!r}")
@@ -115,6 +118,10 @@ def selective_prefill(adapter: ModelAdapter, ids: torch.Tensor, positions: torch
     is_candidate[candidates] = True
     active = torch.unique(torch.cat((always, candidates)))  # sorted slots
     check_at = {c.layer: c.keep for c in checks}
+    is_cached = torch.zeros(n, dtype=torch.bool)
+    if cached_rows is not None:
+        is_cached[cached_rows] = True
+    n_cached = int(is_cached.sum())
     kv = adapter.new_kv(n)
     cos_all, sin_all = adapter.rope(positions)  # [1, N, D]
     hidden = adapter.embed(ids[active][None])  # [1, R, E]
@@ -123,7 +130,8 @@ def selective_prefill(adapter: ModelAdapter, ids: torch.Tensor, positions: torch
     which = 0 if deviation == "key" else 1
     for layer in range(adapter.num_layers):
         kv_layer = kv[layer]  # [2, 1, H, N, D]
-        fill(layer, kv_layer)
+        needs_cache = cached_rows is None or layer in check_at or int(is_cached[active].sum()) < n_cached
+        fill(layer, kv_layer, needs_cache)
         active_dev = active.to(device)
         q, k, v = adapter.project(layer, hidden, (cos_all[:, active_dev], sin_all[:, active_dev]))
         out.rows_per_layer.append(int(active.numel()))

@@ -180,6 +180,7 @@ class CachedChunksStrategy(Strategy):
             if c is not None:  # a chunk that failed to decode mid-way was recomputed: report what happened
                 info.load_seconds = c.load_seconds
                 info.hit, info.tier, info.codec = c.hit, c.tier, c.codec
+                info.stored = info.stored or c.stored
                 if not c.hit and info.source == "store":
                     info.source = "computed"
         kv = out.kv if kv is None else kv
