@@ -68,3 +68,22 @@ def test_fingerprint_is_stable_and_distinguishes(model_factory, word_tokenizer):
     e = ModelAdapter(model_factory("llama", seed=7), word_tokenizer, start_token_id=2)
     assert a.fingerprint == b.fingerprint
     assert len({str(x.fingerprint) for x in (a, c, d, e)}) == 4
+
+
+@pytest.mark.parametrize("rows", [5, 40, 300])
+def test_row_mask_fast_paths_equal_dense_attention(rows, llama_adapter):
+    """Grouped and padded-causal attention give what the dense exact mask gives."""
+    from ragkv.middleware.adapter import RowMask
+
+    gen = torch.Generator().manual_seed(rows)
+    n = 400
+    keys, values = torch.randn(1, 2, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen)
+    for positions in (torch.sort(torch.randperm(n, generator=gen)[:rows]).values, torch.arange(n - rows, n)):
+        hidden = torch.randn(1, rows, 64, generator=gen)
+        q = torch.randn(1, 4, rows, 16, generator=gen)
+        fast = RowMask.build(positions, torch.arange(n))
+        dense = exact_causal_mask(positions, torch.arange(n))
+        out_fast = llama_adapter.attend(0, hidden, q, keys, values, mask=fast)
+        out_dense = llama_adapter.attend(0, hidden, q, keys, values, mask=dense)
+        assert fast.groups is not None or fast.suffix_start is not None
+        assert torch.allclose(out_fast, out_dense, atol=1e-5)
