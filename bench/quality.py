@@ -113,7 +113,7 @@ def blend_variant(name: str, ratio: float, check_layers: tuple[int, ...], deviat
 def strategy_variants(quick: bool) -> list[Variant]:
     """Full mode: every strategy, blend over ratios x deviation x where it is read, the random control,
     compress token budgets, auto. Quick mode: the few rows the smoke test and the headline need."""
-    default_layers = BlendConfig().check_layers  # the middleware's default: gradual filtering over (1, 2)
+    default_layers = BlendConfig().check_layers  # the middleware's default: gradual filtering over (2, 3)
     rows = [Variant("full", ttft_figure="full"),
             Variant("prefix (repeated prompt)", "prefix", repeat_prompt=True, ttft_figure="prefix_repeat_prompt"),
             Variant("reuse", "reuse", ttft_figure="reuse")]
@@ -131,7 +131,7 @@ def strategy_variants(quick: bool) -> list[Variant]:
             rows += [blend_variant(f"blend {tag} layer1 V", r, (1,), "value"),
                      blend_variant(f"blend {tag} layer2 K", r, (2,)),
                      blend_variant(f"blend {tag} layer2 V", r, (2,), "value"),
-                     blend_variant(f"blend {tag} gradual K (2,3)", r, (2, 3))]
+                     blend_variant(f"blend {tag} gradual K (1,2)", r, (1, 2))]
         rows.append(blend_variant(f"random {tag}", r, default_layers, selector="random"))
         if not quick:
             rows.append(blend_variant(f"random {tag} layer1", r, (1,), selector="random"))
@@ -143,7 +143,7 @@ def strategy_variants(quick: bool) -> list[Variant]:
                                 CompressConfig(budget_tokens=budget, recompute_query=True)))
         for store, label in (("disk_raw", "raw"), ("disk_cachegen", "cachegen-2")):
             rows.append(blend_variant(f"blend 0.15 default, disk tier {label}", 0.15, default_layers, store=store))
-        rows.append(blend_variant("blend 0.15 gradual K (2,3), disk tier cachegen-2", 0.15, (2, 3),
+        rows.append(blend_variant("blend 0.15 gradual K (1,2), disk tier cachegen-2", 0.15, (1, 2),
                                   store="disk_cachegen"))
     rows.append(Variant("auto", "auto", AutoConfig(), ttft_figure="auto"))
     return rows
@@ -527,7 +527,7 @@ def main() -> None:
     f("reuse_inside_chunk_accuracy", _r(reuse_s.inside))
     f("reuse_cross_chunk_accuracy", _r(reuse_s.cross))
     headline = {"blend_0.15": "blend 0.15 default", "blend_0.15_layer1": "blend 0.15 layer1 K",
-                "blend_0.15_layer2": "blend 0.15 layer2 K", "blend_0.15_layers23": "blend 0.15 gradual K (2,3)",
+                "blend_0.15_layer2": "blend 0.15 layer2 K", "blend_0.15_layers12": "blend 0.15 gradual K (1,2)",
                 "blend_0.15_cachegen_disk": "blend 0.15 default, disk tier cachegen-2", "random_0.15": "random 0.15"}
     for prefix, name in headline.items():
         if name not in scores:

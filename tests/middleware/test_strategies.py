@@ -90,7 +90,7 @@ def test_chunk_with_wrong_fingerprint_is_a_miss(host_engine, make_words):
 def test_blend_gradual_filtering_and_selectors(host_engine, rag_request):
     host_engine.warm(rag_request.chunks)
     n_chunk_tokens = 12 + 9 + 14
-    blend = host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(ratio=0.2)))
+    blend = host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(ratio=0.2, check_layers=(1, 2))))
     assert blend.details["checks"] == [(1, round(0.4 * n_chunk_tokens)), (2, round(0.2 * n_chunk_tokens))]
     rows = blend.details["rows_per_layer"]
     query = 5
