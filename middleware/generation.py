@@ -24,6 +24,9 @@ from ragkv.middleware.context import ChunkInfo, PreparedContext
 from ragkv.middleware.errors import ContextTooLong
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 64
@@ -41,6 +44,10 @@ class GenerationConfig:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
+        if self.do_sample and self.temperature < MIN_SAMPLING_TEMPERATURE:
+            # far below this the scaled logits overflow to inf and sampling fails; it is greedy in all but name
+            raise ConfigError(f"sampling temperature must be >= {MIN_SAMPLING_TEMPERATURE} "
+                              f"(use do_sample=False for greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

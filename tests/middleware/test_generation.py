@@ -101,3 +101,13 @@ def test_generation_config_is_validated():
         GenerationConfig(temperature=0)
     with pytest.raises(ConfigError, match="stop_strings"):
         GenerationConfig(stop_strings="x")  # type: ignore[arg-type]
+
+
+def test_tiny_sampling_temperatures_are_refused_clearly() -> None:
+    from ragkv.kvstore.errors import ConfigError
+    from ragkv.middleware.generation import GenerationConfig
+
+    with pytest.raises(ConfigError, match="do_sample=False"):
+        GenerationConfig(do_sample=True, temperature=1e-300)
+    assert GenerationConfig(do_sample=False, temperature=1e-300).temperature == 1e-300  # ignored when greedy
+    assert GenerationConfig(do_sample=True, temperature=1e-3).temperature == 1e-3
