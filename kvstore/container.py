@@ -140,6 +140,13 @@ def read_header(blob: bytes | bytearray | memoryview) -> EntryHeader:
     return _parse_header(hdr)
 
 
+def read_entry(blob: bytes | bytearray | memoryview) -> tuple[EntryHeader, memoryview]:
+    """Validate a blob (checksum included) once; return its header and a view of the codec payload, for
+    callers that decode it themselves (e.g. layer by layer with ``Codec.decode_layers``)."""
+    hdr, payload = _split(blob)
+    return _parse_header(hdr), payload
+
+
 def decode_entry(blob: bytes | bytearray | memoryview) -> tuple[EntryHeader, ChunkKV]:
     """Blob -> (header, ChunkKV). Raises ``CorruptEntry`` on anything wrong."""
     hdr, payload = _split(blob)

@@ -2,7 +2,7 @@
 
 A chunk on a fast tier (host, device) arrives decoded: every layer is ready at once. A chunk on a slow tier
 (disk, Redis) arrives as a container blob. With pipelining, one background thread reads the blobs,
-validates each once (``read_header``: magic, sizes, checksum), then decodes them layer-major (layer 0 of
+validates each once (``read_entry``: magic, sizes, checksum), then decodes them layer-major (layer 0 of
 every chunk, then layer 1, ...) with the codec's ``decode_layers`` on the payload, while the caller
 computes; ``layer(l)`` blocks only until layer ``l`` is decoded. ``blend`` recomputes every chunk row in
 layer 0 and so needs no cached KV there: the reading overlaps layer 0's compute, the decoding the rest.
@@ -16,7 +16,6 @@ back) when first needed, as is a blob that fails to decode mid-way.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,15 +27,12 @@ import torch
 from ragkv.codecs import CodecError, get_codec
 from ragkv.codecs.base import dtype_from_name
 from ragkv.kvstore.chunk import ChunkKV, ChunkMeta
-from ragkv.kvstore.container import read_header
+from ragkv.kvstore.container import read_entry
 from ragkv.kvstore.errors import CorruptEntry, TierUnavailable
 from ragkv.middleware.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
 
-# The container's documented prefix (magic, version, flags, header length, payload length); see
-# ragkv.kvstore.container. read_header() has validated the whole blob before we slice it.
-_CONTAINER_PREFIX = struct.Struct("<4sHHIQ")
 DECODED = "decoded"  # codec reported for chunks held as tensors (host/device tiers)
 
 
@@ -116,12 +112,6 @@ class _Pending:
     codec: Any = None
     shape: tuple[int, ...] = ()
     dtype: torch.dtype | None = None
-
-
-def _payload(blob: bytes) -> memoryview:
-    _, _, _, hdr_len, pay_len = _CONTAINER_PREFIX.unpack_from(blob, 0)
-    start = _CONTAINER_PREFIX.size + hdr_len
-    return memoryview(blob)[start:start + pay_len]
 
 
 class ChunkLoader:
@@ -240,7 +230,7 @@ class ChunkLoader:
             problem = problem or "entry vanished"
         else:
             try:
-                header = read_header(blob)
+                header, payload = read_entry(blob)
             except CorruptEntry as exc:
                 p.tier.delete(c.key)
                 header, problem = None, f"corrupt entry: {exc}"
@@ -250,7 +240,7 @@ class ChunkLoader:
                 else:
                     try:
                         p.codec = get_codec(header.codec, header.params)
-                        p.payload, p.shape, p.dtype = _payload(blob), header.shape, dtype_from_name(header.dtype)
+                        p.payload, p.shape, p.dtype = payload, header.shape, dtype_from_name(header.dtype)
                         c.meta, c.codec, c.nbytes = header.meta, header.codec, len(blob)
                     except CodecError as exc:
                         problem = f"codec: {exc}"

@@ -122,3 +122,18 @@ def test_nothing_on_the_read_path_unpickles() -> None:
         for path in (root / folder).rglob("*.py"):
             text = path.read_text()
             assert "pickle.load" not in text and "torch.load(" not in text, path
+
+
+def test_read_entry_gives_the_validated_payload() -> None:
+    from ragkv.kvstore.container import read_entry
+
+    c = chunk()
+    codec = get_codec("raw")
+    blob = encode_entry(c, codec)
+    header, payload = read_entry(blob)
+    assert header.meta == c.meta
+    assert torch.equal(codec.decode_layers(payload, header.shape, c.kv.dtype, [1]), c.kv[[1]])
+    bad = bytearray(blob)
+    bad[-10] ^= 1
+    with pytest.raises(CorruptEntry):
+        read_entry(bytes(bad))
