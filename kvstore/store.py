@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.config import StoreConfig, resolve_config
 from ragkv.kvstore.container import decode_entry, encode_entry, read_header, with_expiry
-from ragkv.kvstore.errors import CorruptEntry
+from ragkv.kvstore.errors import ConfigError, CorruptEntry
 from ragkv.kvstore.tiers.base import Tier, expiry_time, make_tier
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,14 @@ class TieredStore:
     def unpin(self, key: str) -> None:
         for tier in self.tiers:
             tier.unpin(key)
+
+    def promote(self, key: str, chunk: ChunkKV, from_tier: str, expires_at: float | None = None) -> None:
+        """Copy ``chunk``, which a caller read from tier ``from_tier`` and decoded itself (e.g. layer by layer),
+        into the faster tiers, as ``get`` would have; counted as a promotion."""
+        check_key(key)
+        if from_tier not in self.names:
+            raise ConfigError(f"unknown tier {from_tier!r}; this store has {self.names}")
+        self._promote(key, self.names.index(from_tier), chunk, None, expires_at)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until the write-back queue is drained; True when it is."""

@@ -297,6 +297,10 @@ class ChunkLoader:
         if chunk._error is not None or len(tiers) < 2:
             return
         kv = torch.stack([t for t in chunk._layers if t is not None])  # [L, 2, H, T, D]
+        promote = getattr(self.store, "promote", None)
+        if promote is not None:  # a TieredStore: it promotes and counts
+            promote(chunk.key, ChunkKV(kv, chunk.meta), chunk.tier)
+            return
         for name, tier in tiers:
             if name == chunk.tier:
                 break

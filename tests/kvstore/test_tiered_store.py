@@ -102,3 +102,16 @@ def test_invalid_ttl() -> None:
 
     with TieredStore("host") as store, pytest.raises(ConfigError):
         store.put(key_of(make_chunk(1)), make_chunk(1), ttl_s=0)
+
+
+def test_explicit_promotion_from_a_named_tier(tmp_path: Path) -> None:
+    from ragkv.kvstore import ConfigError
+
+    with TieredStore(f"host,disk:{tmp_path}") as store:
+        c = make_chunk(300)
+        store.tiers[1].put(key_of(c), c)
+        store.promote(key_of(c), c, "disk")
+        assert store.locate(key_of(c)) == "host"
+        assert store.stats()["promotions"] == 1
+        with pytest.raises(ConfigError, match="unknown tier"):
+            store.promote(key_of(c), c, "tape")
