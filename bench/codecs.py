@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,15 +89,6 @@ def random_init_kv(quick: bool, tokens: int) -> tuple[torch.Tensor, str]:
     return kv_from_cache(out.past_key_values).to(torch.float16).contiguous(), what
 
 
-def _load_script(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def trained_kv(model_dir: Path, tokens: int) -> tuple[torch.Tensor, str] | None:
     """KV of the bundled trained model over a corpus context, or None when the model is not there."""
     if not (model_dir / "config.json").exists():
@@ -111,7 +101,7 @@ def trained_kv(model_dir: Path, tokens: int) -> tuple[torch.Tensor, str] | None:
     ids: list[int] = []
     source = "random token ids"
     try:
-        corpus = _load_script("quality_corpus")
+        import quality_corpus as corpus  # a sibling script: bench/ is on sys.path when run
         examples = corpus.generate_examples(64, 12345)
         for example in examples:
             ids.extend(tokenizer(" ".join(corpus.prompt_words(example)), add_special_tokens=False)["input_ids"])

@@ -6,11 +6,8 @@ what chunk-independent KV can and cannot answer.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -18,21 +15,11 @@ import torch
 
 pytest.importorskip("transformers")
 
+from bench_modules import load_bench_module
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO_ROOT / "middleware" / "bundled_model"
 SMOKE_QUESTIONS = 48
-
-
-def load_bench_module(name: str) -> ModuleType:
-    """bench/ is a folder of scripts, not a package: import the file by path (no sys.path edits)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 corpus = load_bench_module("quality_corpus")
