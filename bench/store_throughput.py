@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from harness import RedisProcess, Report, median, parse_args, time_call
 
-from harness import Report, RedisProcess, median, parse_args, time_call
 from ragkv.codecs import get_codec
 from ragkv.kvstore import ChunkKV, ChunkMeta, DiskConfig, HostConfig, RedisConfig, chunk_key, encode_entry
 from ragkv.kvstore.tiers import make_tier

@@ -1,10 +1,9 @@
 """The ``raw`` codec: the tensor's bytes as given (fp16, bf16 or fp32), per layer."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch

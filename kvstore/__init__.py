@@ -14,8 +14,10 @@ from ragkv.kvstore.chunk import (
     chunk_key,
     key_namespace,
 )
+from ragkv.kvstore.config import StoreConfig, default_config, load_config, parse_spec
 from ragkv.kvstore.container import decode_entry, encode_entry, read_header
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, ModelMismatch, RagKVError, TierUnavailable
+from ragkv.kvstore.store import TieredStore, open_store
 from ragkv.kvstore.tiers import (
     DeviceConfig,
     DiskConfig,
@@ -24,12 +26,34 @@ from ragkv.kvstore.tiers import (
     Tier,
     TierConfig,
 )
-from ragkv.kvstore.config import StoreConfig, default_config, load_config, parse_spec
-from ragkv.kvstore.store import TieredStore, open_store
 
 __all__ = [
-    "DEFAULT_NAMESPACE", "SHARED_NAMESPACE", "ChunkKV", "ChunkMeta", "ModelFingerprint", "check_key", "chunk_key",
-    "key_namespace", "decode_entry", "encode_entry", "read_header", "ConfigError", "CorruptEntry", "ModelMismatch",
-    "RagKVError", "TierUnavailable", "Tier", "TierConfig", "HostConfig", "DeviceConfig", "DiskConfig", "RedisConfig",
-    "StoreConfig", "default_config", "load_config", "parse_spec", "TieredStore", "open_store",
+    "DEFAULT_NAMESPACE",
+    "SHARED_NAMESPACE",
+    "ChunkKV",
+    "ChunkMeta",
+    "ConfigError",
+    "CorruptEntry",
+    "DeviceConfig",
+    "DiskConfig",
+    "HostConfig",
+    "ModelFingerprint",
+    "ModelMismatch",
+    "RagKVError",
+    "RedisConfig",
+    "StoreConfig",
+    "Tier",
+    "TierConfig",
+    "TierUnavailable",
+    "TieredStore",
+    "check_key",
+    "chunk_key",
+    "decode_entry",
+    "default_config",
+    "encode_entry",
+    "key_namespace",
+    "load_config",
+    "open_store",
+    "parse_spec",
+    "read_header",
 ]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ class ModelFingerprint:
     @classmethod
     def from_parts(
         cls, config: Mapping[str, Any], dtype: str, vocabulary: Mapping[str, int] | Sequence[str] | None = None,
-    ) -> "ModelFingerprint":
+    ) -> ModelFingerprint:
         h = hashlib.blake2b(digest_size=16)
         # Drop keys that vary without changing the KV (names, paths, versions of the writer).
         ignored = {"_name_or_path", "transformers_version", "name_or_path", "_commit_hash"}
@@ -76,7 +77,7 @@ class ChunkMeta:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ChunkMeta":
+    def from_dict(cls, d: Mapping[str, Any]) -> ChunkMeta:
         try:
             token_ids = d["token_ids"]
             if not isinstance(token_ids, list) or not all(type(t) is int for t in token_ids):
@@ -132,10 +133,10 @@ class ChunkKV:
     def values(self) -> torch.Tensor:
         return self.kv[:, 1]  # [L, H, T, D]
 
-    def to(self, device: str | torch.device) -> "ChunkKV":
+    def to(self, device: str | torch.device) -> ChunkKV:
         return ChunkKV(self.kv.to(device), self.meta)
 
-    def equals(self, other: "ChunkKV") -> bool:
+    def equals(self, other: ChunkKV) -> bool:
         return self.meta == other.meta and self.kv.shape == other.kv.shape and bool(
             torch.equal(self.kv.cpu(), other.kv.cpu())
         )

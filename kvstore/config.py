@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ragkv.kvstore.errors import ConfigError
@@ -57,7 +58,7 @@ class StoreConfig:
             raise ConfigError(f"prefetch_workers must be >= 1, got {self.prefetch_workers}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "StoreConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:
         """From the structure of a JSON/TOML config file: store options plus a ``tiers`` list of tables."""
         if not isinstance(data, Mapping):
             raise ConfigError("a store config must be a mapping")
@@ -244,7 +245,7 @@ def _is_size(text: str) -> bool:
     return bool(text)
 
 
-def resolve_config(config: "StoreConfig | str | os.PathLike[str] | None") -> StoreConfig:
+def resolve_config(config: StoreConfig | str | os.PathLike[str] | None) -> StoreConfig:
     """None -> $RAGKV_STORE or the embedded default; a str -> a spec or a config file path; a StoreConfig as is."""
     if config is None:
         env = os.environ.get(ENV_SPEC)
@@ -257,5 +258,13 @@ def resolve_config(config: "StoreConfig | str | os.PathLike[str] | None") -> Sto
     return parse_spec(text)
 
 
-__all__ = ["StoreConfig", "parse_spec", "load_config", "default_config", "resolve_config", "tier_config_from_dict",
-           "default_cache_dir", "WRITE_POLICIES"]
+__all__ = [
+    "WRITE_POLICIES",
+    "StoreConfig",
+    "default_cache_dir",
+    "default_config",
+    "load_config",
+    "parse_spec",
+    "resolve_config",
+    "tier_config_from_dict",
+]

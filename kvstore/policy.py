@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from typing import Callable, ClassVar, Iterator
+from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 
 class EvictionPolicy:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 _BUCKETS = 24  # bucket i holds latencies in [2^i, 2^(i+1)) microseconds; the last is open-ended
 

@@ -23,7 +23,6 @@ from ragkv.middleware.adapter import ModelAdapter
 from ragkv.middleware.context import ChunkInfo, PreparedContext
 from ragkv.middleware.errors import ContextTooLong
 
-
 MIN_SAMPLING_TEMPERATURE = 1e-4
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"kvstore": "ragkv.kvstore", "codecs": "ragkv.codecs", "middleware": "ragkv.middleware",

@@ -11,6 +11,19 @@ from ragkv.kvstore.tiers.disk import DiskConfig, DiskTier
 from ragkv.kvstore.tiers.host import HostConfig, HostTier
 from ragkv.kvstore.tiers.redis_tier import RedisConfig, RedisTier
 
-__all__ = ["Tier", "TierConfig", "make_tier", "register_tier", "tier_class", "tier_kinds",
-           "HostConfig", "HostTier", "DeviceConfig", "DeviceTier", "DiskConfig", "DiskTier",
-           "RedisConfig", "RedisTier"]
+__all__ = [
+           "DeviceConfig",
+           "DeviceTier",
+           "DiskConfig",
+           "DiskTier",
+           "HostConfig",
+           "HostTier",
+           "RedisConfig",
+           "RedisTier",
+           "Tier",
+           "TierConfig",
+           "make_tier",
+           "register_tier",
+           "tier_class",
+           "tier_kinds",
+]

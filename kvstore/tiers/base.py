@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 from ragkv.codecs import Codec, CodecError, get_codec
 from ragkv.kvstore.chunk import ChunkKV, check_key
@@ -154,7 +155,7 @@ class Tier:
             **self.stats.snapshot(),
         }
 
-    def __enter__(self) -> "Tier":
+    def __enter__(self) -> Tier:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -198,5 +199,14 @@ def tier_class(kind: str) -> type[Tier]:
         raise ConfigError(f"unknown tier {kind!r}; allowed: {tier_kinds()}") from None
 
 
-__all__ = ["Tier", "TierConfig", "register_tier", "make_tier", "tier_class", "tier_kinds", "parse_size",
-           "expiry_time", "CorruptEntry"]
+__all__ = [
+    "CorruptEntry",
+    "Tier",
+    "TierConfig",
+    "expiry_time",
+    "make_tier",
+    "parse_size",
+    "register_tier",
+    "tier_class",
+    "tier_kinds",
+]

@@ -7,7 +7,15 @@ import sys
 import pytest
 import torch
 
-from ragkv.kvstore import ChunkKV, ChunkMeta, ConfigError, ModelFingerprint, check_key, chunk_key, key_namespace
+from ragkv.kvstore import (
+    ChunkKV,
+    ChunkMeta,
+    ConfigError,
+    ModelFingerprint,
+    check_key,
+    chunk_key,
+    key_namespace,
+)
 
 
 def test_chunk_key_is_stable_across_processes() -> None:

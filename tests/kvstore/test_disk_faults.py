@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from disk_writer_proc import check_chunk, store_key  # tests/support, on pytest's pythonpath
 
 from ragkv.kvstore import ChunkKV, ChunkMeta, encode_entry, read_header
 from ragkv.kvstore.tiers.disk import TMP_SUFFIX, DiskConfig, DiskTier
-
-from disk_writer_proc import check_chunk, store_key  # tests/support, on pytest's pythonpath
 
 HELPER = Path(__file__).resolve().parents[1] / "support" / "disk_writer_proc.py"
 

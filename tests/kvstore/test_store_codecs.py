@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kv_samples import key_of, make_chunk
+
 from ragkv.kvstore import TieredStore, read_header
 
 CODEC_SPECS = [

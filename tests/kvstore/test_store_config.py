@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from ragkv.kvstore import ConfigError, DeviceConfig, DiskConfig, HostConfig, RedisConfig, StoreConfig, parse_spec
+from ragkv.kvstore import (
+    ConfigError,
+    DeviceConfig,
+    DiskConfig,
+    HostConfig,
+    RedisConfig,
+    StoreConfig,
+    parse_spec,
+)
 from ragkv.kvstore.config import default_config, load_config, resolve_config
 from ragkv.kvstore.tiers.base import parse_size
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from kv_samples import key_of, make_chunk
 
+from ragkv.codecs import get_codec
 from ragkv.kvstore import (
     ConfigError,
     CorruptEntry,
@@ -20,8 +23,6 @@ from ragkv.kvstore import (
     encode_entry,
 )
 from ragkv.kvstore.tiers import make_tier
-from ragkv.codecs import get_codec
-from kv_samples import key_of, make_chunk
 
 MB = 1 << 20
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from kv_samples import key_of, make_chunk
 
 from ragkv.kvstore import DiskConfig, HostConfig, StoreConfig, TieredStore, chunk_key
 from ragkv.kvstore.tiers import make_tier
-from kv_samples import key_of, make_chunk
 
 
 def test_hit_in_slow_tier_is_promoted(tmp_path: Path) -> None:
