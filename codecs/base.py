@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,45 @@ def check_shape(shape: Sequence[int]) -> tuple[int, int, int, int, int]:
     return layers, two, heads, tokens, dim
 
 
+def check_encode_input(kv: torch.Tensor) -> torch.Tensor:
+    """Validate a KV tensor [L, 2, H, T, D] for encoding; returned contiguous on the CPU."""
+    if kv.dim() != 5 or kv.shape[1] != 2:
+        raise CodecError(f"KV must be [layers, 2, kv_heads, tokens, head_dim], got {tuple(kv.shape)}")
+    if kv.dtype not in DTYPE_NAMES:
+        raise CodecError(f"unsupported dtype {kv.dtype}; allowed: {sorted(DTYPES)}")
+    return kv.detach().to("cpu").contiguous()
+
+
+def join_layers(parts: Sequence[bytes]) -> bytes:
+    """Per-layer payloads -> one payload led by the layer offset table."""
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    return b"".join([struct.pack(f"<{len(parts) + 1}Q", *offsets), *parts])
+
+
+def layer_indices(layers: Sequence[Any], num_layers: int) -> list[int]:
+    """Requested layer indices as ints (numpy and torch integers accepted), each in range."""
+    try:
+        out = [operator.index(i) for i in layers]
+    except TypeError:
+        raise CodecError(f"layer indices must be integers, got {layers!r}") from None
+    if any(not 0 <= i < num_layers for i in out):
+        raise CodecError(f"layer indices {out} out of range for {num_layers} layers")
+    return out
+
+
+def check_decode_args(shape: Sequence[int], dtype: torch.dtype, layers: Sequence[Any],
+                      ) -> tuple[int, int, int, int, list[int]]:
+    """Validate what a decode call declares, before anything is read or allocated.
+
+    Returns (num_layers, kv_heads, tokens, head_dim, layer indices)."""
+    num_layers, _, heads, tokens, dim = check_shape(shape)
+    if dtype not in DTYPE_NAMES:
+        raise CodecError(f"unsupported dtype {dtype}; allowed: {sorted(DTYPES)}")
+    return num_layers, heads, tokens, dim, layer_indices(layers, num_layers)
+
+
 @dataclass(frozen=True)
 class CodecParams:
     """Base for codec parameters. Subclasses are frozen dataclasses validated in ``__post_init__``."""
@@ -87,18 +127,9 @@ class Codec:
     # -- whole-payload API -----------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> bytes:
         """kv: [L, 2, H, T, D] -> payload bytes (deterministic)."""
-        if kv.dim() != 5 or kv.shape[1] != 2:
-            raise CodecError(f"KV must be [layers, 2, kv_heads, tokens, head_dim], got {tuple(kv.shape)}")
-        if kv.dtype not in DTYPE_NAMES:
-            raise CodecError(f"unsupported dtype {kv.dtype}; allowed: {sorted(DTYPES)}")
-        kv = kv.detach().to("cpu").contiguous()
+        kv = check_encode_input(kv)
         num_layers = kv.shape[0]
-        parts = [self.encode_layer(kv[i], i, num_layers) for i in range(num_layers)]
-        offsets = [0]
-        for p in parts:
-            offsets.append(offsets[-1] + len(p))
-        table = struct.pack(f"<{num_layers + 1}Q", *offsets)
-        return b"".join([table, *parts])
+        return join_layers([self.encode_layer(kv[i], i, num_layers) for i in range(num_layers)])
 
     def _layer_views(self, payload: bytes | memoryview, num_layers: int) -> list[memoryview]:
         view = memoryview(payload)
@@ -119,12 +150,7 @@ class Codec:
         self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype, layers: Sequence[int],
     ) -> torch.Tensor:
         """Decode only ``layers`` -> [len(layers), 2, H, T, D]."""
-        num_layers, _, heads, tokens, dim = check_shape(shape)
-        if dtype not in DTYPE_NAMES:
-            raise CodecError(f"unsupported dtype {dtype}; allowed: {sorted(DTYPES)}")
-        layers = list(layers)
-        if any(not 0 <= i < num_layers for i in layers):
-            raise CodecError(f"layer indices {layers} out of range for {num_layers} layers")
+        num_layers, heads, tokens, dim, layers = check_decode_args(shape, dtype, layers)
         views = self._layer_views(payload, num_layers)
         out = torch.empty((len(layers), 2, heads, tokens, dim), dtype=dtype)
         for j, i in enumerate(layers):

@@ -33,7 +33,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ragkv.codecs.base import DTYPE_NAMES, DTYPES, Codec, CodecError, CodecParams, check_shape, register_codec
+from ragkv.codecs.base import (
+    DTYPE_NAMES,
+    DTYPES,
+    Codec,
+    CodecError,
+    CodecParams,
+    check_decode_args,
+    register_codec,
+)
 from ragkv.codecs.cachegen_stream import (
     MAX_BLOCK_TOKENS,
     SectionPlan,
@@ -49,7 +57,6 @@ from ragkv.codecs.support import (
     as_float32,
     check_finite,
     decode_workers,
-    layer_indices,
     require_constriction,
     round_to_format,
     scale_bytes,
@@ -270,10 +277,7 @@ class CacheGenCodec(Codec):
 
     def decode_layers(self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype,
                       layers: Sequence[int]) -> torch.Tensor:
-        num_layers, _, heads, tokens, dim = check_shape(shape)
-        if dtype not in DTYPE_NAMES:
-            raise CodecError(f"unsupported dtype {dtype}; allowed: {sorted(DTYPES)}")
-        layers = layer_indices(layers, num_layers)
+        num_layers, heads, tokens, dim, layers = check_decode_args(shape, dtype, layers)
         view = memoryview(payload).cast("B")
         self._layer_views(view, num_layers)  # validates the layer table
         table = struct.unpack_from(f"<{num_layers + 1}Q", view, 0)

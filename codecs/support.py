@@ -6,7 +6,6 @@ truncated or hostile payload never reaches numpy, torch or an entropy coder with
 """
 from __future__ import annotations
 
-import operator
 import os
 import struct
 import threading
@@ -17,7 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragkv.codecs.base import DTYPE_NAMES, DTYPES, Codec, CodecError, check_shape
+from ragkv.codecs.base import (
+    Codec,
+    CodecError,
+    check_decode_args,
+    check_encode_input,
+    join_layers,
+)
 
 # -- optional third-party coders -------------------------------------------------------------------------
 
@@ -258,17 +263,6 @@ def check_finite(x: np.ndarray, codec: str) -> None:
         raise CodecError(f"codec {codec!r} cannot encode non-finite KV values (NaN or inf)")
 
 
-def layer_indices(layers: Sequence[Any], num_layers: int) -> list[int]:
-    """Requested layer indices as ints (numpy and torch integers accepted), each in range."""
-    try:
-        out = [operator.index(i) for i in layers]
-    except TypeError:
-        raise CodecError(f"layer indices must be integers, got {layers!r}") from None
-    if any(not 0 <= i < num_layers for i in out):
-        raise CodecError(f"layer indices {out} out of range for {num_layers} layers")
-    return out
-
-
 # -- layer-parallel decoding -----------------------------------------------------------------------------
 
 
@@ -295,10 +289,7 @@ class ValidatingCodec(Codec):
 
     def decode_layers(self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype,
                       layers: Sequence[int]) -> torch.Tensor:
-        num_layers, _, heads, tokens, dim = check_shape(shape)
-        if dtype not in DTYPE_NAMES:
-            raise CodecError(f"unsupported dtype {dtype}; allowed: {sorted(DTYPES)}")
-        layers = layer_indices(layers, num_layers)
+        num_layers, heads, tokens, dim, layers = check_decode_args(shape, dtype, layers)
         views = self._layer_views(payload, num_layers)
         layer_shape = (2, heads, tokens, dim)
         plans = [self.plan_layer(views[i], layer_shape, dtype, i, num_layers) for i in layers]
@@ -313,14 +304,6 @@ class ValidatingCodec(Codec):
     def encode(self, kv: torch.Tensor) -> bytes:
         if not self.threaded:
             return super().encode(kv)
-        if kv.dim() != 5 or kv.shape[1] != 2:
-            raise CodecError(f"KV must be [layers, 2, kv_heads, tokens, head_dim], got {tuple(kv.shape)}")
-        if kv.dtype not in DTYPE_NAMES:
-            raise CodecError(f"unsupported dtype {kv.dtype}; allowed: {sorted(DTYPES)}")
-        kv = kv.detach().to("cpu").contiguous()
+        kv = check_encode_input(kv)
         num_layers = kv.shape[0]
-        parts = thread_map(lambda i: self.encode_layer(kv[i], i, num_layers), num_layers)
-        offsets = [0]
-        for p in parts:
-            offsets.append(offsets[-1] + len(p))
-        return b"".join([struct.pack(f"<{num_layers + 1}Q", *offsets), *parts])
+        return join_layers(thread_map(lambda i: self.encode_layer(kv[i], i, num_layers), num_layers))
