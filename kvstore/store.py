@@ -7,6 +7,7 @@ queue (write-back; a full queue blocks the writer, ``flush``/``close`` drain it)
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -326,14 +327,10 @@ def _remaining(expires_at: float | None) -> float | None:
 
 
 def _codec_signature(tier: Tier) -> tuple[str, str]:
-    import json
-
     return tier.codec.name, json.dumps(tier.codec.params.to_dict(), sort_keys=True)
 
 
 def _same_codec(tier: Tier, header: Any) -> bool:
-    import json
-
     return _codec_signature(tier) == (header.codec, json.dumps(header.params, sort_keys=True))
 
 

@@ -6,7 +6,6 @@ what chunk-independent KV can and cannot answer.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ SMOKE_QUESTIONS = 48
 
 corpus = load_bench_module("quality_corpus")
 check = load_bench_module("quality_reuse_check")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The model is tiny: one thread is fastest, and extra threads spin against a busy shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,6 @@ quality = load_bench_module("quality")
 corpus = load_bench_module("quality_corpus")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The model is tiny: one thread is fastest, and extra threads spin against a busy shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ContextEngine, list[Any], torch.Tensor, list[str]]]:
     with pytest.MonkeyPatch.context() as patch:
