@@ -96,17 +96,18 @@ class RowMask:
         return cls(dense, groups=tuple(groups))
 
 
-def _weights_digest(model: Any) -> str:
-    """A cheap digest of a few sampled weights, so two checkpoints with one config do not share KV."""
-    h = hashlib.blake2b(digest_size=8)
-    base = model.model
-    tensors = [base.embed_tokens.weight, base.layers[0].self_attn.k_proj.weight,
-               base.layers[-1].self_attn.v_proj.weight, base.layers[-1].mlp.down_proj.weight, base.norm.weight,
-               model.lm_head.weight]
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        sample = torch.cat((flat[:256], flat[-256:])).to("cpu", torch.float32)
-        h.update(sample.numpy().tobytes())
+def weights_digest(model: Any) -> str:
+    """A digest of every weight and buffer the model holds, byte for byte (tied tensors counted once), so two
+    checkpoints of one config never share KV. ~0.5 s for SmolLM2-135M in float32 on this machine."""
+    h = hashlib.blake2b(digest_size=16)
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen and tensor.numel():
+            continue
+        seen.add(tensor.data_ptr())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(memoryview(flat.view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -114,9 +115,10 @@ class ModelAdapter:
     """Wraps a ``*ForCausalLM`` of a supported family (see ``ragkv.middleware.families``).
 
     ``start_token_id`` is the token every chunk is computed behind (its KV is then dropped) and every
-    assembled prompt begins with: the tokenizer's BOS by default, else the config's ``bos_token_id``; models
-    with neither must name one (e.g. Qwen's ``<|endoftext|>``). ``model_id`` (a name or revision) is mixed into
-    the fingerprint in addition to the config, dtype, tokenizer vocabulary and a sample of the weights.
+    assembled prompt begins with: the tokenizer's BOS by default, else the config's ``bos_token_id``, else the
+    family's start token (Qwen's ``<|endoftext|>``); models with none must name one. ``model_id`` (the model's
+    name) is mixed into the fingerprint with the config, dtype, tokenizer vocabulary and a digest of every
+    weight.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, start_token_id: int | None = None,
@@ -158,6 +160,8 @@ class ModelAdapter:
     def _resolve_start_token(self, start_token_id: int | None) -> int:
         candidates = [start_token_id, getattr(self.tokenizer, "bos_token_id", None),
                       getattr(self.config, "bos_token_id", None)]
+        if self.family.start_token is not None and self.tokenizer is not None:
+            candidates.append(self.tokenizer.get_vocab().get(self.family.start_token))
         for c in candidates:
             if isinstance(c, int) and not isinstance(c, bool):
                 if not 0 <= c < int(self.config.vocab_size):
@@ -169,7 +173,7 @@ class ModelAdapter:
     def _fingerprint(self) -> ModelFingerprint:
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _FINGERPRINT_IGNORED}
         cfg["ragkv_start_token_id"] = self.start_token_id
-        cfg["ragkv_weights_sample"] = _weights_digest(self.model)
+        cfg["ragkv_weights"] = weights_digest(self.model)
         if self.model_id is not None:
             cfg["ragkv_model_id"] = self.model_id
         vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else None
@@ -356,4 +360,4 @@ class ModelAdapter:
                 "fingerprint": str(self.fingerprint)}
 
 
-__all__ = ["ModelAdapter", "PrefillOutput", "RopeTables", "RowMask", "exact_causal_mask", "repeat_kv"]
+__all__ = ["ModelAdapter", "PrefillOutput", "RopeTables", "RowMask", "exact_causal_mask", "repeat_kv", "weights_digest"]

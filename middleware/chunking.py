@@ -1,7 +1,7 @@
 """Chunk caching: tokenize each chunk on its own, prefill it behind the start token, store it as ``ChunkKV``.
 
-A chunk is tokenized alone (no separator strings, no special tokens), so the same chunk always yields the
-same token ids and the same key. Its KV is computed as ``[start] + chunk`` at positions ``0 .. T`` and the
+A chunk is tokenized alone (its text plus the prompt layout's separator, no special tokens), so the same
+chunk always yields the same token ids and the same key. Its KV is computed as ``[start] + chunk`` at positions ``0 .. T`` and the
 start token's KV is dropped, so the stored KV begins at ``position = 1``. Chunks are prefilled in batches
 (right-padded; under the exact causal mask padding after a row's tokens never affects them).
 """
@@ -49,13 +49,16 @@ class WarmReport:
 class ChunkCacher:
     """Turns chunk texts (or token ids) into stored ``ChunkKV`` entries, keyed by content."""
 
-    def __init__(self, adapter: ModelAdapter, store: Any, config: ChunkingConfig = ChunkingConfig()) -> None:
+    def __init__(self, adapter: ModelAdapter, store: Any, config: ChunkingConfig = ChunkingConfig(),
+                 separator: str = "") -> None:
         self.adapter = adapter
         self.store = store
         self.config = config
+        self.separator = separator  # the prompt layout's text after each document (part of its tokens)
 
     def tokens(self, chunk: str | Sequence[int]) -> list[int]:
-        ids = self.adapter.encode(chunk) if isinstance(chunk, str) else [int(t) for t in chunk]
+        """A text chunk's token ids (text + separator, tokenized alone); token ids are taken as they are."""
+        ids = self.adapter.encode(chunk + self.separator) if isinstance(chunk, str) else [int(t) for t in chunk]
         if not ids:
             raise ConfigError("a chunk must contain at least one token")
         return ids

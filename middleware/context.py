@@ -9,12 +9,18 @@ import torch
 
 from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, check_namespace
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.prompt_template import ChatTurn
 
 
 @dataclass(frozen=True)
 class PrepareRequest:
-    """A RAG prompt: optional system prefix, retrieved chunks, and the query, as texts or token ids.
+    """A RAG prompt: optional system text, retrieved chunks, earlier chat turns, and the query.
 
+    With a text ``query`` the prompt is rendered by the engine's ``PromptTemplate`` (the model's chat template,
+    documents where its layout puts them; ``history`` holds the earlier turns in order). With a token-id
+    ``query`` the prompt is laid out raw: start token + ``system`` ids (which may already begin with the start
+    token: it is never doubled) + chunks + ``query`` ids; ``history`` must then be empty. A text chunk is
+    tokenized alone (with the layout's separator); token-id chunks are taken as they are.
     ``chunk_scores`` (one per chunk, higher = more relevant, e.g. the retriever's) are used by ``compress``'s
     chunk-level mode. ``store_misses``: chunks missing from the store are computed, stored and used.
     """
@@ -22,6 +28,7 @@ class PrepareRequest:
     query: str | Sequence[int]
     chunks: Sequence[str | Sequence[int]] = ()
     system: str | Sequence[int] | None = None
+    history: Sequence[ChatTurn] = ()
     namespace: str = DEFAULT_NAMESPACE
     chunk_scores: Sequence[float] | None = None
     store_misses: bool = True
@@ -30,6 +37,10 @@ class PrepareRequest:
         check_namespace(self.namespace)
         if isinstance(self.chunks, str):
             raise ConfigError("chunks must be a sequence of texts or token-id lists, not one string")
+        if self.history and not isinstance(self.query, str):
+            raise ConfigError("chat history needs a text query (token-id prompts are laid out raw)")
+        if not isinstance(self.query, str) and isinstance(self.system, str):
+            raise ConfigError("a token-id query takes token-id system text (or none)")
         if self.chunk_scores is not None and len(self.chunk_scores) != len(self.chunks):
             raise ConfigError(f"{len(self.chunk_scores)} chunk_scores for {len(self.chunks)} chunks")
 

@@ -5,8 +5,8 @@
     ctx = engine.prepare(PrepareRequest(query, chunks, system), strategy="blend")
     result = engine.generate(ctx, GenerationConfig(max_new_tokens=64))
 
-The engine tokenizes and assembles prompts, serves the exact prefix (start token + system prefix) from a
-bounded ``PrefixCache``, loads cached chunks (layer-wise pipelined from slow tiers), and computes misses
+The engine renders prompts with the model's chat template (``PromptTemplate``: opening, documents, closing),
+assembles them, serves the exact prefix (the opening) from a bounded ``PrefixCache``, loads cached chunks (layer-wise pipelined from slow tiers), and computes misses
 alone behind the start token, stores them and uses them (the next request hits).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
 from ragkv.middleware.costs import CostModel
 from ragkv.middleware.loading import ChunkLoader, LoadedChunk
 from ragkv.middleware.prefix_cache import PrefixCache, PrefixCacheConfig
+from ragkv.middleware.prompt_template import DocumentLayout, PromptParts, PromptTemplate
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class EngineConfig:
     pipelined_loading: bool = True  # decode slow-tier chunks layer by layer while computing
     promote_after_load: bool = True  # put chunks read from a slow tier into the faster decoded tiers
     default_strategy: str = "blend"
+    layout: DocumentLayout = field(default_factory=DocumentLayout)  # where documents go in the chat template
 
 
 class ContextEngine:
@@ -43,7 +45,10 @@ class ContextEngine:
         self.adapter = adapter
         self.store = store
         self.config = config
-        self.cacher = ChunkCacher(adapter, store, config.chunking)
+        chat_template = (getattr(adapter.tokenizer, "chat_template", None)
+                         or adapter.family.fallback_chat_template(adapter.tokenizer))
+        self.template = PromptTemplate(adapter.tokenizer, adapter.start_token_id, config.layout, chat_template)
+        self.cacher = ChunkCacher(adapter, store, config.chunking, separator=self.template.separator)
         self.loader = ChunkLoader(adapter, store, promote=config.promote_after_load)
         self.prefix_cache = PrefixCache(config.prefix_cache)
         self.costs = CostModel()
@@ -96,17 +101,24 @@ class ContextEngine:
             return []
         return self.adapter.encode(piece) if isinstance(piece, str) else [int(t) for t in piece]
 
+    def prompt_parts(self, request: PrepareRequest) -> PromptParts:
+        """The opening (with the start token once) and closing ids: rendered from the chat template for a text
+        query, laid out raw for token ids."""
+        if isinstance(request.query, str):
+            return self.template.parts(request.query, request.system, request.history)  # type: ignore[arg-type]
+        closing = self.tokens(request.query)
+        if not closing:
+            raise ConfigError("the query must contain at least one token")
+        return PromptParts(self.template.with_start(self.tokens(request.system)), closing)
+
     def assemble(self, request: PrepareRequest, chunk_indices: Sequence[int] | None = None) -> AssembledPrompt:
         """Tokenize each piece alone and lay the prompt out (``chunk_indices``: keep only these chunks)."""
         check_namespace(request.namespace)
-        prefix = [self.adapter.start_token_id] + self.tokens(request.system)
+        parts = self.prompt_parts(request)
         indices = range(len(request.chunks)) if chunk_indices is None else chunk_indices
         chunk_ids = [self.cacher.tokens(request.chunks[i]) for i in indices]
         keys = [self.cacher.key(ids, request.namespace) for ids in chunk_ids]
-        query = self.tokens(request.query)
-        if not query:
-            raise ConfigError("the query must contain at least one token")
-        prompt = assemble(prefix, chunk_ids, query, keys)
+        prompt = assemble(parts.opening, chunk_ids, parts.closing, keys)
         if chunk_indices is not None:  # keep the request's chunk numbering
             from dataclasses import replace
 
@@ -119,7 +131,7 @@ class ContextEngine:
         return prompt
 
     def prefix_kv(self, prompt: AssembledPrompt) -> tuple[torch.Tensor, bool]:
-        """KV [L, 2, 1, H, P, D] of the exact prefix (start token + system), from the prefix cache or computed."""
+        """KV [L, 2, 1, H, P, D] of the exact prefix (the opening), from the prefix cache or computed."""
         ids = list(prompt.prefix.token_ids)
         entry = self.prefix_cache.get(ids)
         if entry is not None:

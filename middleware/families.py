@@ -26,22 +26,44 @@ from typing import Any
 
 from ragkv.middleware.errors import UnsupportedModel
 
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% endif %}")
+
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """What differs between the supported families (the layer code is otherwise shared)."""
+    """What differs between the supported families (the layer code is otherwise shared).
+
+    ``start_token``: the token chunks are computed behind when the tokenizer and config name no BOS (Qwen's
+    ``<|endoftext|>``). ``chat_template``: the family's chat format, used when a tokenizer that knows its
+    ``chat_tokens`` ships no template of its own. ``rope_types``: the RoPE kinds whose keys can be moved by
+    rotation for this family.
+    """
 
     model_type: str
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    start_token: str | None = None
+    chat_template: str | None = None
+    chat_tokens: tuple[str, ...] = ()
+    rope_types: tuple[str, ...] = SUPPORTED_ROPE_TYPES
+
+    def fallback_chat_template(self, tokenizer: Any) -> str | None:
+        """The family's template when ``tokenizer`` has none of its own but knows the family's chat tokens."""
+        if self.chat_template is None or tokenizer is None:
+            return None
+        vocab = tokenizer.get_vocab()
+        return self.chat_template if all(t in vocab for t in self.chat_tokens) else None
 
 
+_CHATML = {"chat_template": CHATML_TEMPLATE, "chat_tokens": ("<|im_start|>", "<|im_end|>")}
 FAMILIES: dict[str, FamilySpec] = {
     "llama": FamilySpec("llama"),
-    "qwen2": FamilySpec("qwen2"),
-    "qwen3": FamilySpec("qwen3", qk_norm=True),
+    "qwen2": FamilySpec("qwen2", start_token="<|endoftext|>", **_CHATML),
+    "qwen3": FamilySpec("qwen3", qk_norm=True, start_token="<|endoftext|>", **_CHATML),
     "mistral": FamilySpec("mistral"),
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _REFUSED_ROPE_REASONS = {
     "dynamic": "dynamic NTK scaling changes the frequencies with the sequence length",
     "yarn": "YaRN scales the cos/sin magnitude (and mixes frequencies), so a cached key is not a pure rotation",
@@ -84,7 +106,7 @@ def check_config(config: Any) -> ModelCheck:
 
     params = _rope_parameters(config)
     rope_type = str(params.get("rope_type", params.get("type", "default")))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if rope_type not in family.rope_types:
         reason = _REFUSED_ROPE_REASONS.get(rope_type, "its position encoding is not a fixed rotation per channel pair")
         raise UnsupportedModel(f"rope_type {rope_type!r} is refused: {reason}; cached keys could not be moved "
                                f"to new positions by rotation. " + supported_summary())

