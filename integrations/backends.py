@@ -6,7 +6,8 @@ only sees one string. The retriever therefore records the texts it returned in t
 ``DocumentRegistry``, and the model finds them again inside its prompt with ``split_prompt``: text before
 the first document becomes the system prefix, each document a cached chunk, non-blank text between
 documents (labels such as "Document 2:") a small chunk of its own, and the text after the last document
-the query. Whitespace between documents is dropped: chunk KV is independent of separators by design.
+the query. Whitespace between documents is dropped: chunk KV is independent of separators by design. Chat
+models hand over their messages (``split_chat``): roles and order are kept, the chat template renders them.
 """
 from __future__ import annotations
 
@@ -19,17 +20,19 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragkv.integrations.runtime import (
+from ragkv.integrations.answers import (
     Answer,
     AnswerRequest,
     Cancelled,
     Document,
     DocumentReport,
     GenerationOptions,
-    RagRuntime,
     readable_namespaces,
 )
+from ragkv.integrations.runtime import RagRuntime
 from ragkv.kvstore import RagKVError
+from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.prompt_template import ChatTurn
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,13 @@ class SplitPrompt:
     system: str | None
     chunks: list[str]
     query: str
+    history: tuple[ChatTurn, ...] = ()  # earlier chat turns, in order
 
 
-def split_prompt(text: str, documents: Sequence[str]) -> SplitPrompt:
-    """Cut ``text`` around every occurrence of the known ``documents`` (longest first, no overlaps)."""
+def split_prompt(text: str, documents: Sequence[str], ends_with_query: bool = True) -> SplitPrompt:
+    """Cut ``text`` around every occurrence of the known ``documents`` (longest first, no overlaps). With
+    ``ends_with_query``, a text that ends with a document gives that document as the query (it is what the
+    model continues)."""
     spans: list[tuple[int, int, str]] = []
     taken: list[tuple[int, int]] = []
     for doc in sorted({d for d in documents if d.strip()}, key=len, reverse=True):
@@ -90,9 +96,37 @@ def split_prompt(text: str, documents: Sequence[str]) -> SplitPrompt:
         chunks.append(doc)
     system = text[:spans[0][0]].strip() or None
     query = text[spans[-1][1]:].strip()
-    if not query:  # the prompt ends with a document: it is what the model continues
+    if not query and ends_with_query:
         query = chunks.pop()
     return SplitPrompt(system, chunks, query)
+
+
+def _joined(*texts: str | None) -> str | None:
+    return "\n\n".join(t for t in texts if t) or None
+
+
+def split_chat(messages: Sequence[tuple[str, str]], documents: Sequence[str]) -> SplitPrompt:
+    """Chat messages ``(role, text)`` (role system, user or assistant) -> a prompt for the chat template.
+
+    System messages make the system text, the last user message the question, the messages between them the
+    history (roles and order kept). Known documents are cut out of the system text and the question, where
+    prompt templates put retrieved context; the text around them stays where it was written. Messages that do
+    not end with a user message are read as one question (their texts joined in order).
+    """
+    system_text = _joined(*(t for r, t in messages if r == "system"))
+    dialogue = [(r, t) for r, t in messages if r != "system" and t]
+    if not dialogue:
+        raise ConfigError("the messages hold no question")
+    if dialogue[-1][0] != "user":
+        dialogue = [("user", "\n\n".join(t for _, t in dialogue))]
+    in_system = split_prompt(system_text or "", documents, ends_with_query=False)
+    in_question = split_prompt(dialogue[-1][1], documents)
+    history = tuple(ChatTurn(role, text) for role, text in dialogue[:-1])
+    query = _joined(in_question.system, in_question.query) if in_question.chunks else in_question.query
+    if not query:
+        raise ConfigError("the user's question holds no text besides the documents")
+    return SplitPrompt(_joined(in_system.system, in_system.query), in_system.chunks + in_question.chunks, query,
+                       history)
 
 
 @dataclass
@@ -123,7 +157,7 @@ class LocalBackend:
 
     def _request(self, prompt: SplitPrompt, settings: AnswerSettings) -> AnswerRequest:
         return AnswerRequest(query=prompt.query, documents=[Document(text=c) for c in prompt.chunks],
-                             system=prompt.system, namespace=self.namespace,
+                             system=prompt.system, history=prompt.history, namespace=self.namespace,
                              readable_namespaces=readable_namespaces(self.namespace), strategy=settings.strategy,
                              strategy_params=dict(settings.strategy_params), generation=settings.generation)
 
@@ -216,7 +250,8 @@ class HttpBackend:
 
     def _options(self, prompt: SplitPrompt, settings: AnswerSettings) -> dict[str, Any]:
         g = settings.generation
-        return {"system": prompt.system, "strategy": settings.strategy,
+        return {"system": prompt.system, "history": [{"role": t.role, "content": t.content} for t in prompt.history]
+                or None, "strategy": settings.strategy,
                 "strategy_params": dict(settings.strategy_params) or None, "max_new_tokens": g.max_new_tokens,
                 "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "seed": g.seed,
                 "stop": list(g.stop) or None, "shared": self.shared or None}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -62,7 +63,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with _open(args.store) as store:
         stats = store.stats()
         for name, tier in zip(store.names, store.tiers):
-            stats["tiers"][name]["entries"] = sum(1 for _ in tier.keys())
+            stats["tiers"][name]["entries"] = sum(1 for _ in tier)
         print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -79,8 +80,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     # also accepted after the subcommand (``ragkv serve --store ...``); SUPPRESS keeps the global value otherwise
     p.add_argument("--store", default=argparse.SUPPRESS, help="store spec or config file (as the global --store)")
     p.add_argument("--model", default=None,
-                   help="a local HuggingFace model directory (Llama, Qwen2/3, Mistral; safetensors). Default: "
-                        "ragkv's bundled model (a labelled random-initialised stand-in until it ships)")
+                   help="a registered model (smollm2-135m-instruct, the default; toy) or a local HuggingFace "
+                        "model directory (Llama, Qwen2/3, Mistral; safetensors)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (default: as stored)")
 
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--namespace", default="default")
     ask.add_argument("--compare", action="store_true", help="also time full prefill of the same prompt")
     ask.add_argument("--url", default=None, help="ask a running ragkv service instead of loading the model")
-    ask.add_argument("--api-key", default=None, help="API key for --url")
+    ask.add_argument("--api-key", default=os.environ.get("RAGKV_API_KEY"),
+                     help="API key for --url (default: $RAGKV_API_KEY)")
     ask.add_argument("--json", action="store_true", help="print the result as JSON")
     ask.set_defaults(func=_lazy("cmd_ask"))
 

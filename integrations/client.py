@@ -15,6 +15,8 @@ try:
 except ImportError as exc:  # pragma: no cover - part of the service extra
     raise ImportError("the ragkv HTTP client needs httpx: pip install 'ragkv[service]'") from exc
 
+from typing_extensions import Self
+
 from ragkv.kvstore.errors import RagKVError
 
 
@@ -25,6 +27,28 @@ class RagkvHTTPError(RagKVError):
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
+
+
+class ServiceUnreachable(RagKVError):
+    """The service could not be reached (refused, timed out, name not resolved)."""
+
+
+class _ReportingTransport(httpx.BaseTransport):
+    """Turns httpx's connection errors into ``ServiceUnreachable``, one line naming the URL."""
+
+    def __init__(self, inner: httpx.BaseTransport, base_url: str) -> None:
+        self.inner = inner
+        self.base_url = base_url
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return self.inner.handle_request(request)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(f"cannot reach the ragkv service at {self.base_url}: "
+                                     f"{exc or type(exc).__name__}") from exc
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -74,8 +98,9 @@ class RagkvClient:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
+        inner = transport or httpx.HTTPTransport()
         self._client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout_s,
-                                    transport=transport)
+                                    transport=_ReportingTransport(inner, self.base_url))
 
     def _async_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout_s)
@@ -83,7 +108,7 @@ class RagkvClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> RagkvClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -186,4 +211,4 @@ def _clean(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-__all__ = ["RagkvClient", "RagkvHTTPError"]
+__all__ = ["RagkvClient", "RagkvHTTPError", "ServiceUnreachable"]

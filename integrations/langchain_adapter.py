@@ -30,8 +30,8 @@ try:
 except ImportError as exc:
     raise ImportError("the LangChain integration needs langchain-core: pip install 'ragkv[langchain]'") from exc
 
-from ragkv.integrations.backends import AnswerSettings, HttpBackend, awarm_quietly, split_prompt, warm_quietly
-from ragkv.integrations.runtime import Answer, GenerationOptions
+from ragkv.integrations.answers import Answer, GenerationOptions
+from ragkv.integrations.backends import AnswerSettings, HttpBackend, awarm_quietly, split_chat, warm_quietly
 from ragkv.kvstore.errors import ConfigError
 
 DEFAULT_INDEX_K = 4
@@ -88,6 +88,9 @@ class RagkvRetriever(BaseRetriever):
         if self.warm:
             await awarm_quietly(self.backend, [d.page_content for d in docs])
         return docs
+
+
+_ROLES = {"system": "system", "human": "user", "ai": "assistant"}  # tool results and the rest count as user turns
 
 
 def _message_text(message: BaseMessage) -> str:
@@ -167,10 +170,10 @@ class ChatRagkv(BaseChatModel):
 
     def _split(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> Any:
         backend = self._backend()
-        text = "\n\n".join(t for t in (_message_text(m) for m in messages) if t)
         explicit: Sequence[Any] = kwargs.get("documents") or ()
         documents = [d.page_content if isinstance(d, Document) else str(d) for d in explicit]
-        return split_prompt(text, documents + backend.registry.texts())
+        turns = [(_ROLES.get(m.type, "user"), _message_text(m)) for m in messages]
+        return split_chat(turns, documents + backend.registry.texts())
 
     @staticmethod
     def _metadata(answer: Answer, model: str) -> dict[str, Any]:

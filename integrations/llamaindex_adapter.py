@@ -18,20 +18,25 @@ from typing import Any
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
     from llama_index.core.base.llms.types import (
+        ChatMessage,
+        ChatResponse,
+        ChatResponseAsyncGen,
+        ChatResponseGen,
         CompletionResponse,
         CompletionResponseAsyncGen,
         CompletionResponseGen,
         LLMMetadata,
+        MessageRole,
     )
-    from llama_index.core.llms.callbacks import llm_completion_callback
+    from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
     from llama_index.core.llms.custom import CustomLLM
     from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
     from pydantic import Field, PrivateAttr
 except ImportError as exc:
     raise ImportError("the LlamaIndex integration needs llama-index-core: pip install 'ragkv[llamaindex]'") from exc
 
-from ragkv.integrations.backends import AnswerSettings, awarm_quietly, split_prompt, warm_quietly
-from ragkv.integrations.runtime import Answer, GenerationOptions
+from ragkv.integrations.answers import Answer, GenerationOptions
+from ragkv.integrations.backends import AnswerSettings, awarm_quietly, split_chat, split_prompt, warm_quietly
 from ragkv.kvstore.errors import ConfigError
 
 DEFAULT_TOP_K = 4
@@ -120,6 +125,15 @@ class RagkvLLM(CustomLLM):
         explicit: Sequence[str] = kwargs.get("documents") or ()
         return split_prompt(prompt, list(explicit) + self._backend.registry.texts())
 
+    def _split_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Any:
+        explicit: Sequence[str] = kwargs.get("documents") or ()
+        turns = [(_ROLES.get(m.role, "user"), m.content or "") for m in messages]
+        return split_chat(turns, list(explicit) + self._backend.registry.texts())
+
+    @staticmethod
+    def _reply(text: str, delta: str | None = None, raw: dict[str, Any] | None = None) -> ChatResponse:
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, raw=raw)
+
     @staticmethod
     def _raw(answer: Answer) -> dict[str, Any]:
         return {"finish_reason": answer.finish_reason, "ttft_ms": answer.ttft_s * 1e3, "strategy": answer.strategy,
@@ -167,5 +181,49 @@ class RagkvLLM(CustomLLM):
 
         return gen()
 
+
+    # -- chat: messages keep their roles and order (the chat template renders them) ------------------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        answer = self._backend.answer(self._split_chat(messages, kwargs), self._settings(kwargs))
+        return self._reply(answer.text, raw=self._raw(answer))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        answer = await self._backend.aanswer(self._split_chat(messages, kwargs), self._settings(kwargs))
+        return self._reply(answer.text, raw=self._raw(answer))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        split, settings = self._split_chat(messages, kwargs), self._settings(kwargs)
+
+        def gen() -> ChatResponseGen:
+            text = ""
+            for item in self._backend.stream(split, settings):
+                if isinstance(item, Answer):
+                    yield self._reply(text, "", self._raw(item))
+                else:
+                    text += item
+                    yield self._reply(text, item)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        split, settings = self._split_chat(messages, kwargs), self._settings(kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            text = ""
+            async for item in self._backend.astream(split, settings):
+                if isinstance(item, Answer):
+                    yield self._reply(text, "", self._raw(item))
+                else:
+                    text += item
+                    yield self._reply(text, item)
+
+        return gen()
+
+
+_ROLES = {MessageRole.SYSTEM: "system", MessageRole.USER: "user", MessageRole.ASSISTANT: "assistant"}
 
 __all__ = ["RagkvLLM", "RagkvLlamaRetriever", "node_text"]

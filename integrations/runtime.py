@@ -8,143 +8,27 @@ model work behind one lock with a bounded wait list, so a burst of requests queu
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ragkv.integrations.models import LoadedModel, ModelInfo, load_model, make_adapter
-from ragkv.kvstore import (
-    SHARED_NAMESPACE,
-    ChunkKV,
-    ModelMismatch,
-    RagKVError,
-    TieredStore,
-    check_key,
-    key_namespace,
+from typing_extensions import Self
+
+from ragkv.integrations.answers import (
+    Answer,
+    AnswerRequest,
+    CheckedRequest,
+    Document,
+    Forbidden,
+    NotFound,
+    Overloaded,
+    TokenCallback,
+    answer_from,
 )
+from ragkv.integrations.models import LoadedModel, ModelInfo, load_model, make_adapter
+from ragkv.integrations.strategy_params import config_from_params
+from ragkv.kvstore import ChunkKV, ModelMismatch, TieredStore, check_key, key_namespace
 from ragkv.kvstore.errors import ConfigError
-
-
-class Overloaded(RagKVError):
-    """Too many model requests are already waiting; retry later (HTTP 429)."""
-
-
-class Forbidden(RagKVError):
-    """The caller may not touch that namespace (HTTP 403)."""
-
-
-class NotFound(RagKVError):
-    """A referenced chunk key is not in the store (HTTP 404)."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """A document of a RAG request: its text, or the key of a chunk already in the store."""
-
-    text: str | None = None
-    key: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.text is None) == (self.key is None):
-            raise ConfigError("a document has exactly one of text or key")
-
-
-MIN_SAMPLING_TEMPERATURE = 0.01
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Decoding options as the doors receive them. ``temperature`` None, 0, or below 0.01 means greedy:
-    sampling at such temperatures is greedy in all but name, and far below it (1e-300) the scaled logits
-    overflow to inf and the sampler fails."""
-
-    max_new_tokens: int = 64
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def to_config(self) -> Any:
-        from ragkv.middleware.generation import GenerationConfig
-
-        sample = self.temperature is not None and self.temperature >= MIN_SAMPLING_TEMPERATURE
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=sample,
-                                temperature=self.temperature if sample else 1.0,  # type: ignore[arg-type]
-                                top_k=self.top_k if sample else None, top_p=self.top_p if sample else None,
-                                seed=self.seed, stop_strings=tuple(self.stop))
-
-
-@dataclass(frozen=True)
-class AnswerRequest:
-    query: str
-    documents: Sequence[Document] = ()
-    system: str | None = None
-    namespace: str = "default"  # where chunks are looked up and where misses are stored
-    readable_namespaces: frozenset[str] = frozenset()  # namespaces a document key may come from
-    strategy: str | None = None  # None: the engine's default (blend)
-    strategy_params: Mapping[str, Any] = field(default_factory=dict)
-    generation: GenerationOptions = GenerationOptions()
-
-
-@dataclass
-class DocumentReport:
-    """What the cache did for one document."""
-
-    index: int
-    key: str
-    tokens: int
-    hit: bool
-    tier: str | None
-    codec: str | None
-    source: str
-    recomputed_tokens: int = 0
-    load_ms: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class Answer:
-    text: str
-    finish_reason: str
-    strategy: str
-    ttft_s: float
-    total_s: float
-    timings_ms: dict[str, float]
-    documents: list[DocumentReport]
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def all_hit(self) -> bool:
-        return bool(self.documents) and all(d.hit for d in self.documents)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"answer": self.text, "finish_reason": self.finish_reason, "strategy": self.strategy,
-                "ttft_ms": self.ttft_s * 1e3, "total_ms": self.total_s * 1e3, "timings_ms": dict(self.timings_ms),
-                "documents": [d.to_dict() for d in self.documents],
-                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}}
-
-
-@dataclass(frozen=True)
-class CheckedRequest:
-    """A request that passed every check; running it only needs the model."""
-
-    prepare: Any  # ragkv.middleware.context.PrepareRequest (token ids throughout)
-    strategy: Any
-    generation: Any  # ragkv.middleware.generation.GenerationConfig
-    custom_strategy: bool
-
-
-class Cancelled(Exception):
-    """Raised from a token callback to stop generating (the client went away)."""
-
-
-TokenCallback = Callable[[str], None]
 
 
 class RagRuntime:
@@ -247,8 +131,9 @@ class RagRuntime:
         return self.engine.strategy(base.name, config)
 
     def check(self, request: AnswerRequest) -> CheckedRequest:
-        """Everything that can be refused before model work: documents (keys resolved to token ids), token
-        budgets, the strategy and its parameters, the generation options. Tokenizes each piece once."""
+        """Everything that can be refused before model work: documents (keys resolved to token ids), the prompt
+        rendered with the chat template, token budgets, the strategy and its parameters, the generation
+        options. Tokenizes each piece once; the engine then lays the token ids out as they are."""
         from ragkv.middleware.context import PrepareRequest
 
         chunks: list[list[int]] = []
@@ -258,17 +143,16 @@ class RagRuntime:
             if len(ids) > self.max_chunk_tokens:
                 raise ConfigError(f"document {i} has {len(ids)} tokens; the limit is {self.max_chunk_tokens}")
             chunks.append(ids)
-        query = self.adapter.encode(request.query)
-        if not query:
-            raise ConfigError("the query must contain at least one token")
-        system = self.adapter.encode(request.system) if request.system else None
-        total = 1 + len(system or ()) + sum(len(c) for c in chunks) + len(query) + request.generation.max_new_tokens
+        parts = self.engine.template.parts(request.query, request.system, request.history)
+        total = len(parts.opening) + sum(len(c) for c in chunks) + len(parts.closing)
+        total += request.generation.max_new_tokens
         if total > self.max_context_tokens:
             raise ConfigError(f"the prompt plus max_new_tokens is {total} tokens; the limit is "
                               f"{self.max_context_tokens}")
         strategy = self.strategy(request.strategy, request.strategy_params)
         generation = request.generation.to_config()
-        prepare = PrepareRequest(query=query, chunks=chunks, system=system, namespace=request.namespace)
+        prepare = PrepareRequest(query=parts.closing, chunks=chunks, system=parts.opening,
+                                 namespace=request.namespace)
         return CheckedRequest(prepare, strategy, generation, bool(request.strategy_params))
 
     def run(self, checked: CheckedRequest, on_token: TokenCallback | None = None) -> Answer:
@@ -293,7 +177,7 @@ class RagRuntime:
             result = self.engine.generate(prepared, checked.generation, on_token=callback)
         finally:
             self._model_lock.release()
-        return _answer_from(result, prepared, prompt_tokens)
+        return answer_from(result, prepared, prompt_tokens)
 
     def answer(self, request: AnswerRequest, on_token: TokenCallback | None = None) -> Answer:
         """``check`` then ``run``: one RAG answer."""
@@ -307,99 +191,11 @@ class RagRuntime:
         if self._own_store:
             self.store.close()
 
-    def __enter__(self) -> RagRuntime:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _answer_from(result: Any, prepared: Any, prompt_tokens: int) -> Answer:
-    timings = {k: float(v) * 1e3 for k, v in prepared.timings.items()}
-    timings["prepare"] = result.prepare_s * 1e3
-    timings["first_token"] = max(result.ttft_s - result.prepare_s, 0.0) * 1e3
-    timings["ttft"] = result.ttft_s * 1e3
-    timings["total"] = result.total_s * 1e3
-    reports = [DocumentReport(index=c.index, key=c.key, tokens=c.num_tokens, hit=bool(c.hit), tier=c.tier,
-                              codec=c.codec, source=c.source, recomputed_tokens=int(c.recomputed_tokens),
-                              load_ms=float(c.load_seconds) * 1e3) for c in prepared.chunks]
-    return Answer(text=result.text, finish_reason=result.finish_reason, strategy=result.strategy,
-                  ttft_s=result.ttft_s, total_s=result.total_s, timings_ms=timings, documents=reports,
-                  prompt_tokens=prompt_tokens, completion_tokens=len(result.token_ids))
-
-
-def config_from_params(config_class: type, params: Mapping[str, Any]) -> Any:
-    """Build a frozen strategy config from JSON values, converting lists to tuples and nested objects to
-    nested configs. Unknown names and wrong types raise ``ConfigError`` naming what is allowed."""
-    if not dataclasses.is_dataclass(config_class):
-        raise ConfigError(f"{config_class.__name__} takes no parameters")
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown strategy parameters {unknown}; allowed: {sorted(fields)}")
-    defaults = config_class()
-    values: dict[str, Any] = {}
-    for name, value in params.items():
-        values[name] = _convert(name, value, getattr(defaults, name))
-    try:
-        return config_class(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid strategy parameters: {exc}") from exc
-
-
-def _convert(name: str, value: Any, default: Any) -> Any:
-    if dataclasses.is_dataclass(default) and not isinstance(default, type):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"strategy parameter {name!r} must be an object")
-        return config_from_params(type(default), value)
-    if value is None:
-        if default is None:
-            return None
-        raise ConfigError(f"strategy parameter {name!r} may not be null")
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"strategy parameter {name!r} must be a boolean")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"strategy parameter {name!r} must be an integer")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"strategy parameter {name!r} must be a number")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"strategy parameter {name!r} must be a string")
-        return value
-    if isinstance(default, tuple) or default is None:
-        if isinstance(value, list):
-            if len(value) > 256 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-                raise ConfigError(f"strategy parameter {name!r} must be a list of at most 256 numbers")
-            return tuple(value)
-        if default is None and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"strategy parameter {name!r} must be a list of numbers")
-    raise ConfigError(f"strategy parameter {name!r} cannot be set through this interface")
-
-
-def readable_namespaces(namespace: str) -> frozenset[str]:
-    """A tenant reads its own namespace and the shared one."""
-    return frozenset({namespace, SHARED_NAMESPACE})
-
-
-__all__ = [
-    "Answer",
-    "AnswerRequest",
-    "Cancelled",
-    "CheckedRequest",
-    "Document",
-    "DocumentReport",
-    "Forbidden",
-    "GenerationOptions",
-    "NotFound",
-    "Overloaded",
-    "RagRuntime",
-    "config_from_params",
-    "readable_namespaces",
-]
+__all__ = ["RagRuntime"]

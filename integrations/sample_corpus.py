@@ -1,4 +1,8 @@
-"""The sample corpus the service warms at start-up: a few questions of ragkv's synthetic associative-recall task.
+"""The sample corpora the service warms at start-up: real-text facts for chat models, the synthetic task for the toy.
+
+A chat model (SmolLM2, the default) gets ``facts``: a few invented-fact documents in plain English and
+questions about them (``sample_corpus/facts.jsonl``), which it answers from the documents. The toy model gets
+the synthetic associative-recall questions below.
 
 Why this corpus: it is the task the bundled model was trained on (``bench/quality_corpus.py``), so the model
 that ``ragkv serve`` starts with answers its questions correctly, and a first user sees a real answer and a
@@ -23,6 +27,7 @@ from typing import Any
 
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "sample_corpus"
 QUESTIONS_FILE = "questions.jsonl"
+FACTS_FILE = "facts.jsonl"
 VOCABULARY_FILE = "vocabulary.json"
 SAMPLE_SEED = 2  # quality_corpus.HELDOUT_SEED: never seen in training
 SAMPLE_SIZE = 16
@@ -37,7 +42,7 @@ class SampleQuestion:
     chunks: tuple[str, ...]
     question: str
     answer: str
-    kind: str  # "inside": the pair lies in one chunk; "cross": it straddles a chunk boundary
+    kind: str  # synthetic: "inside" (the pair lies in one chunk) or "cross" (it straddles a boundary); facts: "single"
 
     def to_dict(self) -> dict[str, Any]:
         return {"chunks": list(self.chunks), "question": self.question, "answer": self.answer, "kind": self.kind}
@@ -47,7 +52,7 @@ class SampleQuestion:
 class SampleCorpus:
     questions: tuple[SampleQuestion, ...]
     vocabulary: tuple[str, ...]
-    source: str  # "generator" (bench/quality_corpus.py) or "package data"
+    source: str  # "generator" (bench/quality_corpus.py), "package data" or "facts"
 
     def documents(self) -> list[str]:
         """Every distinct chunk, in first-seen order: what the service warms."""
@@ -97,6 +102,20 @@ def load_sample_corpus(n: int = SAMPLE_SIZE, prefer_generator: bool = True) -> S
     """The first ``n`` held-out questions (at most ``SAMPLE_SIZE`` from package data)."""
     module = _generator_module() if prefer_generator else None
     return _from_generator(module, n) if module is not None else _from_package_data(n)
+
+
+def load_facts_corpus() -> SampleCorpus:
+    """The real-text sample for chat models: invented facts, answered from the documents."""
+    questions = []
+    for line in (PACKAGE_DATA_DIR / FACTS_FILE).read_text(encoding="utf-8").splitlines():
+        d = json.loads(line)
+        questions.append(SampleQuestion(tuple(d["chunks"]), d["question"], d["answer"], d["kind"]))
+    return SampleCorpus(tuple(questions), (), "facts")
+
+
+def sample_for_model(model: str | None) -> SampleCorpus:
+    """The sample a model can answer: the synthetic task for ``toy``, the real-text facts for every other model."""
+    return load_sample_corpus() if model == "toy" else load_facts_corpus()
 
 
 def write_package_data(directory: Path = PACKAGE_DATA_DIR, n: int = SAMPLE_SIZE) -> None:

@@ -1,7 +1,7 @@
 """Running the REST service: configuration, start-up (model, store, sample corpus), uvicorn, and a test server.
 
-``ragkv serve`` calls ``serve(ServiceConfig(...))``: it opens the store, loads the model (the bundled one by
-default), warms the sample corpus (skipping what an earlier run stored), asks one sample question to pick
+``ragkv serve`` calls ``serve(ServiceConfig(...))``: it opens the store, loads the model (SmolLM2-135M-Instruct
+by default), warms the sample corpus (real-text facts for chat models, the synthetic task for the toy) (skipping what an earlier run stored), asks one sample question to pick
 an example the model answers correctly, binds the socket, prints the URL and a ready-to-paste request, and
 serves until interrupted. ``ServiceThread`` runs an app on a free loopback port in a background thread, for
 tests and benchmarks.
@@ -19,7 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ragkv.integrations.runtime import AnswerRequest, Document, GenerationOptions, RagRuntime
+from typing_extensions import Self
+
+from ragkv.integrations.answers import AnswerRequest, Document, GenerationOptions
+from ragkv.integrations.runtime import RagRuntime
 from ragkv.integrations.service_http import ServiceLimits
 from ragkv.integrations.tenants import OPEN_TENANT, TenantRegistry
 from ragkv.kvstore import SHARED_NAMESPACE, ConfigError
@@ -72,25 +75,28 @@ class SampleExample:
     expected: str
     answered: str
     namespace: str
+    max_new_tokens: int = 1
 
     @property
     def correct(self) -> bool:
-        return self.answered.strip() == self.expected
+        return self.expected.lower() in self.answered.lower()
 
 
 def warm_sample(runtime: RagRuntime, namespace: str, probe: int = 8) -> tuple[dict[str, Any], SampleExample]:
     """Warm the sample corpus into ``namespace`` and pick an example the model answers correctly (the first
     of ``probe`` questions that it gets right with the default strategy; the first one otherwise)."""
-    from ragkv.integrations.sample_corpus import load_sample_corpus
+    from ragkv.integrations.sample_corpus import load_facts_corpus, load_sample_corpus
 
-    corpus = load_sample_corpus()
+    chat = runtime.engine.template.uses_chat_template
+    corpus = load_facts_corpus() if chat else load_sample_corpus()
+    max_new_tokens = 32 if chat else 1
     report = runtime.warm(corpus.documents(), namespace)
     chosen: SampleExample | None = None
     for q in corpus.questions[:probe]:
         answer = runtime.answer(AnswerRequest(
             query=q.question, documents=[Document(text=c) for c in q.chunks], namespace=namespace,
-            readable_namespaces=frozenset({namespace}), generation=GenerationOptions(max_new_tokens=1)))
-        example = SampleExample(q.question, q.chunks, q.answer, answer.text, namespace)
+            readable_namespaces=frozenset({namespace}), generation=GenerationOptions(max_new_tokens=max_new_tokens)))
+        example = SampleExample(q.question, q.chunks, q.answer, answer.text, namespace, max_new_tokens)
         if chosen is None or (example.correct and not chosen.correct):
             chosen = example
         if example.correct:
@@ -105,7 +111,7 @@ def warm_sample(runtime: RagRuntime, namespace: str, probe: int = 8) -> tuple[di
 def example_request(url: str, example: SampleExample, auth: bool) -> str:
     """A ready-to-paste curl command for ``example``."""
     body: dict[str, Any] = {"query": example.question, "documents": list(example.documents), "strategy": "blend",
-                            "max_new_tokens": 1}
+                            "max_new_tokens": example.max_new_tokens}
     if example.namespace == SHARED_NAMESPACE:
         body["shared"] = True
     parts = ["curl", "-s", f"{url}/v1/generate", "-H", "Content-Type: application/json"]
@@ -234,7 +240,7 @@ class ServiceThread:
         self.thread.join(timeout_s)
         self.sock.close()
 
-    def __enter__(self) -> ServiceThread:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -28,8 +28,7 @@ try:
 except ImportError as exc:  # pragma: no cover - part of every dev install
     raise ImportError("the ragkv service needs fastapi and uvicorn: pip install 'ragkv[service]'") from exc
 
-from ragkv.integrations.metrics import Metrics
-from ragkv.integrations.runtime import (
+from ragkv.integrations.answers import (
     Answer,
     AnswerRequest,
     Cancelled,
@@ -38,8 +37,9 @@ from ragkv.integrations.runtime import (
     GenerationOptions,
     NotFound,
     Overloaded,
-    RagRuntime,
 )
+from ragkv.integrations.metrics import Metrics
+from ragkv.integrations.runtime import RagRuntime
 from ragkv.integrations.service_http import TENANT_SCOPE_KEY, GuardMiddleware, ServiceLimits, sse
 from ragkv.integrations.service_models import (
     ChatCompletionRequest,
@@ -54,6 +54,7 @@ from ragkv.integrations.service_models import (
     LookupRequest,
     LookupResponse,
     LookupResult,
+    ModelList,
     WarmRequest,
     WarmResponse,
 )
@@ -68,6 +69,7 @@ from ragkv.kvstore import (
     check_key,
     read_header,
 )
+from ragkv.middleware.prompt_template import ChatTurn
 
 log = logging.getLogger(__name__)
 DOWNLOAD_SLICE = 4 << 20  # blobs up to this size go out in one piece (no copy); larger ones stream
@@ -139,6 +141,7 @@ def create_app(state: ServiceState) -> FastAPI:
                               "reuses cached chunk KV (CacheBlend). Authenticate with 'Authorization: Bearer "
                               "<key>' or 'X-API-Key'.")
     upload_slots = asyncio.Semaphore(state.upload_slots)
+    started = int(time.time())
 
     # -- errors -------------------------------------------------------------------------------------------------
     def handler(status: int, headers: dict[str, str] | None = None) -> Callable[..., Any]:
@@ -279,8 +282,10 @@ def create_app(state: ServiceState) -> FastAPI:
                                  stop=tuple(_check_text(s, "a stop string", 256) for s in stop))
 
     def answer_request(tenant: Tenant, body: Any, query: str, system: str | None, docs: list[Document],
-                       generation: GenerationOptions) -> AnswerRequest:
-        return AnswerRequest(query=_check_text(query, "the query", limits.max_text_chars),
+                       generation: GenerationOptions, history: tuple[ChatTurn, ...] = ()) -> AnswerRequest:
+        for turn in history:
+            _check_text(turn.content, f"a {turn.role} message", limits.max_text_chars)
+        return AnswerRequest(query=_check_text(query, "the query", limits.max_text_chars), history=history,
                              documents=docs, system=_check_text(system, "the system text", limits.max_text_chars)
                              if system else None, namespace=tenant.write_namespace(body.shared),
                              readable_namespaces=tenant.readable(), strategy=body.strategy,
@@ -352,8 +357,9 @@ def create_app(state: ServiceState) -> FastAPI:
                          **_errors(401, 403, 404, 413, 415, 422, 429)})
     async def generate(body: GenerateRequest, tenant: TenantDep) -> Any:
         max_new = body.max_new_tokens or min(64, limits.max_new_tokens)
+        history = tuple(ChatTurn(t.role, t.content) for t in body.history)
         request = answer_request(tenant, body, body.query, body.system, documents(body.documents),
-                                 options(body, max_new, body.stop))
+                                 options(body, max_new, body.stop), history)
         check = await checked(request)
         if body.stream:
             return StreamingResponse(stream_answer(
@@ -370,17 +376,20 @@ def create_app(state: ServiceState) -> FastAPI:
                                "description": "chat.completion, or chat.completion.chunk events when streaming"},
                          **_errors(401, 403, 404, 413, 415, 422, 429)})
     async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep) -> Any:
-        system = "\n".join(m.text() for m in body.messages if m.role in ("system", "developer")) or None
-        query = "\n".join(t for t in (m.text() for m in body.messages if m.role not in ("system", "developer")) if t)
-        if not query.strip():
-            raise ConfigError("the messages hold no user text to answer")
+        system, history, query = body.turns()
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         max_new = body.max_completion_tokens or body.max_tokens or min(128, limits.max_new_tokens)
-        request = answer_request(tenant, body, query, system, documents(body.documents), options(body, max_new, stop))
+        request = answer_request(tenant, body, query, system, documents(body.documents), options(body, max_new, stop),
+                                 history)
         check = await checked(request)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        model = body.model or runtime.info.name
+        model = runtime.info.name  # the model that answers, whatever name the client sent
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def usage(a: Answer) -> dict[str, int]:
+            return {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+                    "total_tokens": a.prompt_tokens + a.completion_tokens}
 
         def extras(a: Answer) -> dict[str, Any]:
             return {"ttft_ms": a.ttft_s * 1e3, "timings_ms": a.timings_ms, "strategy": a.strategy,
@@ -398,7 +407,9 @@ def create_app(state: ServiceState) -> FastAPI:
                 yield sse(chunk({"role": "assistant", "content": ""}))
                 async for event in stream_answer(
                         check, on_piece=lambda t: sse(chunk({"content": t})),
-                        on_done=lambda a: [sse(chunk({}, finish(a), ragkv=extras(a))), sse("[DONE]")],
+                        on_done=lambda a: [sse(chunk({}, finish(a), ragkv=extras(a))),
+                                           *([sse({**chunk({}), "choices": [], "usage": usage(a)})]
+                                             if include_usage else []), sse("[DONE]")],
                         on_error=lambda m: [sse({"error": {"message": m, "type": "invalid_request_error"}}),
                                             sse("[DONE]")]):
                     yield event
@@ -409,9 +420,13 @@ def create_app(state: ServiceState) -> FastAPI:
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text},
                              "finish_reason": finish(a)}],
-                "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
-                          "total_tokens": a.prompt_tokens + a.completion_tokens},
-                "ragkv": extras(a)}
+                "usage": usage(a), "ragkv": extras(a)}
+
+    @app.get("/v1/models", response_model=ModelList, tags=["rag"], summary="The model this server answers with",
+             responses=_errors(401))
+    async def list_models(tenant: TenantDep) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": runtime.info.name, "object": "model", "created": started,
+                                            "owned_by": "ragkv"}]}
 
     # -- observability ------------------------------------------------------------------------------------------
     @app.get("/v1/stats", tags=["observability"], summary="Store, cache and service statistics (JSON)",

@@ -15,6 +15,9 @@ except ImportError as exc:  # pragma: no cover - pydantic comes with fastapi
     raise ImportError("the ragkv service needs fastapi and uvicorn: pip install 'ragkv[service]'") from exc
 
 KEY_PATTERN = r"^[A-Za-z0-9._-]{1,64}:[A-Za-z0-9._-]{1,128}$"
+from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.prompt_template import ChatTurn
+
 MAX_SCHEMA_TEXT = 1_000_000
 MAX_SCHEMA_ITEMS = 4096
 
@@ -91,9 +94,17 @@ class GenerationFields(BaseModel):
     shared: bool = Field(default=False, description="Look chunks up in, and store misses to, the shared namespace")
 
 
+class ChatTurnIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["user", "assistant"]
+    content: str = Field(max_length=MAX_SCHEMA_TEXT)
+
+
 class GenerateRequest(GenerationFields):
     model_config = ConfigDict(extra="forbid")
     query: str = Field(min_length=1, max_length=MAX_SCHEMA_TEXT)
+    history: list[ChatTurnIn] = Field(default_factory=list, max_length=MAX_SCHEMA_ITEMS,
+                                      description="Earlier chat turns, in order (the query is the last user turn)")
     documents: list[DocumentField] = Field(default_factory=list, max_length=MAX_SCHEMA_ITEMS)
     system: str | None = Field(default=None, max_length=MAX_SCHEMA_TEXT)
     max_new_tokens: int | None = Field(default=None, ge=1, le=100_000,
@@ -150,6 +161,11 @@ class ChatMessageIn(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(default=False, description="Send a last chunk with the token usage")
+
+
 class ChatCompletionRequest(GenerationFields):
     """OpenAI's chat completion body plus ``documents`` (and ragkv's strategy fields); other fields are ignored."""
 
@@ -161,7 +177,19 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=100_000)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported")
+
+    def turns(self) -> tuple[str | None, tuple[ChatTurn, ...], str]:
+        """(system text, earlier turns in order, the question). System and developer messages make the system
+        text; the last other message must be the user's question; tool results count as user turns."""
+        system = "\n".join(m.text() for m in self.messages if m.role in ("system", "developer")) or None
+        dialogue = [m for m in self.messages if m.role not in ("system", "developer")]
+        if not dialogue or dialogue[-1].role not in ("user", "tool") or not dialogue[-1].text().strip():
+            raise ConfigError("the last message must be the user's question (non-empty)")
+        history = tuple(ChatTurn("assistant" if m.role == "assistant" else "user", m.text())
+                        for m in dialogue[:-1] if m.text())
+        return system, history, dialogue[-1].text()
 
 
 class ChatMessageOut(BaseModel):
@@ -192,6 +220,18 @@ class ChatCompletionResponse(BaseModel):
     ragkv: RagkvExtras
 
 
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"]
     model: dict[str, Any]
@@ -207,6 +247,7 @@ __all__ = [
     "ChatCompletionResponse",
     "ChatMessageIn",
     "ChatMessageOut",
+    "ChatTurnIn",
     "ChunkPutResponse",
     "DocumentField",
     "DocumentOutcome",
@@ -218,7 +259,10 @@ __all__ = [
     "LookupRequest",
     "LookupResponse",
     "LookupResult",
+    "ModelCard",
+    "ModelList",
     "RagkvExtras",
+    "StreamOptions",
     "Usage",
     "WarmRequest",
     "WarmResponse",
