@@ -109,11 +109,11 @@ def main() -> None:
     cpu_times: dict[str, float] = {}
 
     def measure(name: str, engine: ContextEngine, strategy: Any, before: Callable[[], Any] | None = None,
-                runs: int = repeat, tier: str = "host", warmup: bool = True) -> float:
+                tier: str = "host") -> float:
+        """One untimed run, then ``repeat`` timed runs; the minimum. The same for every row, full included."""
         samples, cpu_samples, result = [], [], None
-        if warmup:
-            ttft(engine, request, strategy, before)
-        for _ in range(runs):
+        ttft(engine, request, strategy, before)
+        for _ in range(repeat):
             seconds, cpu, result = ttft(engine, request, strategy, before)
             samples.append(seconds)
             cpu_samples.append(cpu)
@@ -125,14 +125,13 @@ def main() -> None:
         rows.append([name, tier, times[name], median(samples), None, cpu_times[name], None, hits, result.strategy])
         return times[name]
 
-    # the reference first, then everything else, then the reference again (the machine is shared and noisy)
-    measure("full", host, "full", runs=1, warmup=quick)
+    full = measure("full", host, "full")
     measure("prefix_repeat_prompt", host, "prefix")  # the warm-up run fills the prefix cache
     measure("reuse", host, "reuse")
     for ratio in (0.05, 0.15, 0.30):
-        measure(f"blend_{ratio:.2f}", host, host.strategy("blend", BlendConfig(ratio=ratio)), runs=2)
+        measure(f"blend_{ratio:.2f}", host, host.strategy("blend", BlendConfig(ratio=ratio)))
     measure("compress_tokens_0.5", host, host.strategy("compress", CompressConfig(keep_ratio=0.5)))
-    measure("auto", host, "auto", runs=2)
+    measure("auto", host, "auto")
 
     disk_ok = DiskTier.get is not Tier.get and hasattr(os, "posix_fadvise")
     if disk_ok:
@@ -143,7 +142,7 @@ def main() -> None:
             disk.warm(chunks)
             disk.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request))[0])
             measure("blend_0.15_disk", disk, disk.strategy("blend", BlendConfig(ratio=0.15)),
-                    before=lambda: drop_dir_from_page_cache(path), tier="disk (page cache dropped)", runs=2)
+                    before=lambda: drop_dir_from_page_cache(path), tier="disk (page cache dropped)")
             disk.store.close()
             cachegen_path = str(Path(tmp) / "kv-cachegen")
             disk_cg = ContextEngine(adapter, DiskTier(DiskConfig(path=cachegen_path, fsync=True, codec="cachegen")),
@@ -152,7 +151,7 @@ def main() -> None:
             disk_cg.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request))[0])
             measure("blend_0.15_disk_cachegen", disk_cg, disk_cg.strategy("blend", BlendConfig(ratio=0.15)),
                     before=lambda: drop_dir_from_page_cache(cachegen_path),
-                    tier="disk, cachegen level 2 (page cache dropped)", runs=2)
+                    tier="disk, cachegen level 2 (page cache dropped)")
             disk_cg.store.close()
     else:
         report.note("disk tier not available in this checkout: blend_0.15_disk_vs_full not measured")
@@ -164,23 +163,21 @@ def main() -> None:
             remote.warm(chunks)
             remote.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request))[0])
             measure("blend_0.15_redis", remote, remote.strategy("blend", BlendConfig(ratio=0.15)),
-                    tier="redis (loopback, raw codec)", runs=2)
+                    tier="redis (loopback, raw codec)")
             remote.store.close()
     else:
         report.note("redis-server is not installed: blend_0.15_redis_vs_full not measured")
-    full_again = measure("full_again", host, "full", runs=1, warmup=False)
     # the model's own forward on the same prompt: our reference prefill is not slower than transformers'
     ids = torch.tensor([host.assemble(request).input_ids])
     hf_samples = []
-    for _ in range(1 if not quick else 2):
+    for _ in range(repeat):
         start = time.perf_counter()
         with torch.no_grad():
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
         hf_samples.append(time.perf_counter() - start)
     times["hf_forward"] = min(hf_samples)
     print(f"  hf_forward: {times['hf_forward']:.3f} s", flush=True)
-    full = min(times["full"], full_again)  # the least disturbed reference run
-    full_cpu = min(cpu_times["full"], cpu_times["full_again"])
+    full_cpu = cpu_times["full"]
     for row in rows:
         row[4] = row[2] / full
         row[6] = row[5] / full_cpu
@@ -208,8 +205,8 @@ def main() -> None:
         report.figure("blend_0.15_redis_vs_full", ratio_of("blend_0.15_redis"))
     for name in ("reuse", "blend_0.05", "blend_0.15", "blend_0.30", "compress_tokens_0.5", "auto"):
         report.figure(f"{name}_vs_full_cpu_time", round(cpu_times[name] / full_cpu, 4))
-    report.note(f"full prefill runs: first {times['full']:.2f} s, last {full_again:.2f} s; ratios use the smaller")
-    report.note("times are the minimum over runs (the machine is shared; interference only adds time)")
+    report.note(f"every row, full prefill included: one untimed run, then {repeat} timed runs; the minimum "
+                "(the machine is shared; interference only adds time)")
     report.write()
 
 
