@@ -85,7 +85,9 @@ def test_chat_completions_openai_shape_and_stream(alice: httpx.Client) -> None:
                                               {"role": "user", "content": [{"type": "text", "text": "Q k4 ?"}]}],
             "documents": docs, "max_tokens": 5, "temperature": 0, "user": "ignored-field"}
     out = alice.post("/v1/chat/completions", json=body).json()
-    assert out["object"] == "chat.completion" and out["model"] == "anything"
+    served = alice.get("/v1/models").json()
+    assert served["object"] == "list" and len(served["data"]) == 1
+    assert out["object"] == "chat.completion" and out["model"] == served["data"][0]["id"]  # not the client's name
     choice = out["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
     assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
@@ -97,6 +99,27 @@ def test_chat_completions_openai_shape_and_stream(alice: httpx.Client) -> None:
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == choice["message"]["content"] and chunks[-1]["choices"][0]["finish_reason"] is not None
+    assert all("usage" not in c for c in chunks)
+    with_usage = _sse(alice.post("/v1/chat/completions", json={**body, "stream": True,
+                                                               "stream_options": {"include_usage": True}}).text)
+    last = with_usage[-2][1]
+    assert last["choices"] == [] and last["usage"] == out["usage"]
+
+
+def test_chat_turns_keep_roles_and_order(alice: httpx.Client) -> None:
+    docs = _texts(2)
+    turns = [{"role": "user", "content": "Q k4 ?"}, {"role": "assistant", "content": "v1"},
+             {"role": "user", "content": "Q k9 ?"}]
+    out = alice.post("/v1/chat/completions", json={"messages": turns, "documents": docs, "max_tokens": 2}).json()
+    single = alice.post("/v1/chat/completions", json={"messages": turns[-1:], "documents": docs,
+                                                      "max_tokens": 2}).json()
+    # the plain layout writes earlier turns as "role: text" lines before the question: a longer prompt
+    assert out["usage"]["prompt_tokens"] > single["usage"]["prompt_tokens"]
+    generate = alice.post("/v1/generate", json={"query": "Q k9 ?", "documents": docs, "max_new_tokens": 2,
+                                                "history": turns[:2]}).json()
+    assert generate["usage"]["prompt_tokens"] == out["usage"]["prompt_tokens"]
+    ends_with_assistant = alice.post("/v1/chat/completions", json={"messages": turns[:2], "documents": docs})
+    assert ends_with_assistant.status_code == 422 and "last message" in ends_with_assistant.text
 
 
 def test_chunk_blob_round_trip(alice: httpx.Client) -> None:

@@ -1,4 +1,4 @@
-"""With the bundled model (once it ships): framework chains over the sample corpus answer correctly from the cache."""
+"""With the toy model (the registry's ``toy``): framework chains over the sample corpus answer correctly from the cache."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,18 +6,17 @@ from typing import Any
 
 import pytest
 
+from ragkv.integrations.answers import AnswerRequest, Document, GenerationOptions
 from ragkv.integrations.backends import LocalBackend
-from ragkv.integrations.models import bundled_model_available, load_default_model
-from ragkv.integrations.runtime import AnswerRequest, Document, GenerationOptions, RagRuntime
-
-pytestmark = pytest.mark.skipif(not bundled_model_available(), reason="the bundled model has not shipped yet")
+from ragkv.integrations.models import TOY_MODEL, load_model
+from ragkv.integrations.runtime import RagRuntime
 
 
 @pytest.fixture(scope="module")
 def bundled_backend() -> Iterator[LocalBackend]:
     from ragkv.kvstore import TieredStore
 
-    runtime = RagRuntime(load_default_model(), TieredStore("host:256MB"), own_store=True)
+    runtime = RagRuntime(load_model(TOY_MODEL), TieredStore("host:256MB"), own_store=True)
     yield LocalBackend(runtime, namespace="bundled")
     runtime.close()
 

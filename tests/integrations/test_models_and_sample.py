@@ -1,4 +1,4 @@
-"""Model selection (bundled when its files exist, labelled stand-in otherwise, local directories) and the
+"""Model selection (registry names, local directories, labelled random stand-ins) and the
 sample corpus (package data identical to the generator's output)."""
 from __future__ import annotations
 
@@ -40,18 +40,14 @@ def test_random_stand_in_is_labelled_and_deterministic(tiny_loaded: Any) -> None
     assert tiny_loaded.tokenizer.unk_token_id not in ids
 
 
-def test_default_switches_to_the_bundled_model_once_its_files_exist(tmp_path: Path, tiny_loaded: Any,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    bundled = tmp_path / "bundled_model"
-    monkeypatch.setattr(models, "bundled_model_dir", lambda: bundled)
-    assert models.load_default_model().info.kind == models.KIND_RANDOM
-    bundled.mkdir()
-    tiny_loaded.model.save_pretrained(bundled)
-    assert models.load_default_model().info.kind == models.KIND_RANDOM  # no tokenizer yet: not complete
-    tiny_loaded.tokenizer.save_pretrained(bundled)
-    loaded = models.load_default_model()
-    assert loaded.info.kind == models.KIND_BUNDLED and loaded.info.path == str(bundled.resolve())
-    assert models.make_adapter(loaded).fingerprint == models.make_adapter(tiny_loaded).fingerprint
+def test_registry_names_resolve_and_unknown_names_are_refused(tmp_path: Path) -> None:
+    toy = models.load_model(models.TOY_MODEL)
+    assert toy.info.kind == models.KIND_BUNDLED and toy.info.name == "toy"
+    assert toy.info.path == str(models.toy_model_dir())
+    with pytest.raises(ConfigError, match="neither a registered name"):
+        models.load_model("no-such-model")
+    with pytest.raises(ConfigError, match="config.json"):
+        models.load_model(tmp_path)
 
 
 def test_local_model_directory(tmp_path: Path, tiny_loaded: Any) -> None:
@@ -59,7 +55,7 @@ def test_local_model_directory(tmp_path: Path, tiny_loaded: Any) -> None:
     tiny_loaded.tokenizer.save_pretrained(tmp_path / "m")
     loaded = models.load_model(tmp_path / "m")
     assert loaded.info.kind == models.KIND_LOCAL and loaded.info.name == "m"
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match="neither a registered name"):
         models.load_model(tmp_path / "nothing")
 
 

@@ -7,16 +7,16 @@ from typing import Any
 
 import pytest
 
-from ragkv.integrations.runtime import (
+from ragkv.integrations.answers import (
     AnswerRequest,
     Document,
     Forbidden,
     GenerationOptions,
     NotFound,
     Overloaded,
-    config_from_params,
     readable_namespaces,
 )
+from ragkv.integrations.strategy_params import config_from_params
 from ragkv.kvstore import SHARED_NAMESPACE, ChunkKV, ChunkMeta, ConfigError, ModelMismatch
 
 
