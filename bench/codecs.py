@@ -6,8 +6,8 @@ KV sources (each figure says which it is on):
   2 KV heads, head_dim 64), one forward over 1024 random token ids. Random weights give near-Gaussian
   KV without the outlier channels and token-to-token structure real KV has, so entropy coding has
   less to exploit than it would on a trained model.
-- ``trained``: ragkv's own trained small model (``middleware/bundled_model``, from the quality issue)
-  over a context from the synthetic QA corpus, when that model is present (``--model-dir``).
+- ``real`` (the headline): SmolLM2-135M-Instruct, the default model, over real English text (the fidelity
+  set's documents). Trained KV has outlier channels and token-to-token structure that random KV lacks.
 
 Per codec and level: bytes vs fp16 and vs int8 (quant bits=8), bits per element, encode and decode
 MB/s (MB = 10**6 bytes of fp16-equivalent KV) on 1 and 2 threads/processes, max and mean absolute
@@ -26,7 +26,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +38,6 @@ from ragkv.codecs.cachegen_stream import encode_section
 from ragkv.codecs.support import thread_map
 
 MB = 1e6
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_MODEL_DIR = REPO_ROOT / "middleware" / "bundled_model"
 
 # (label, codec name, params); the int8 row is the baseline of the "vs int8" column
 SUITE: list[tuple[str, str, dict[str, Any]]] = [
@@ -89,36 +86,26 @@ def random_init_kv(quick: bool, tokens: int) -> tuple[torch.Tensor, str]:
     return kv_from_cache(out.past_key_values).to(torch.float16).contiguous(), what
 
 
-def trained_kv(model_dir: Path, tokens: int) -> tuple[torch.Tensor, str] | None:
-    """KV of the bundled trained model over a corpus context, or None when the model is not there."""
-    if not (model_dir / "config.json").exists():
-        return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def real_kv(tokens: int) -> tuple[torch.Tensor, str]:
+    """KV of SmolLM2-135M-Instruct (the default model, float32 forward, stored as fp16) over real English text:
+    the documents of the fidelity question set, one after another."""
+    import fidelity_set  # a sibling script: bench/ is on sys.path when run
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    limit = min(tokens, getattr(model.config, "max_position_embeddings", tokens))
+    from ragkv.integrations.models import load_model
+
+    loaded = load_model()
     ids: list[int] = []
-    source = "random token ids"
-    try:
-        import quality_corpus as corpus  # a sibling script: bench/ is on sys.path when run
-        examples = corpus.generate_examples(64, 12345)
-        for example in examples:
-            ids.extend(tokenizer(" ".join(corpus.prompt_words(example)), add_special_tokens=False)["input_ids"])
-            if len(ids) >= limit:
-                break
-        source = "synthetic QA corpus contexts"
-    except Exception as exc:  # noqa: BLE001 - the corpus belongs to another scenario; fall back, say so
-        print(f"note: corpus unavailable ({exc}); using random token ids for the trained model")
-    if len(ids) < limit:
-        ids = torch.randint(0, model.config.vocab_size, (limit,), generator=torch.Generator().manual_seed(2)).tolist()
-        source = "random token ids"
+    for question in fidelity_set.load():
+        for doc in question.documents:
+            ids.extend(loaded.tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= tokens:
+            break
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids[:limit]]), use_cache=True)
+        out = loaded.model(input_ids=torch.tensor([ids[:tokens]]), use_cache=True)
     kv = kv_from_cache(out.past_key_values).to(torch.float16).contiguous()
-    c = model.config
-    what = (f"trained bundled model ({c.num_hidden_layers} layers, {getattr(c, 'num_key_value_heads', '?')} KV heads, "
-            f"head_dim {kv.shape[-1]}), {kv.shape[3]} tokens of {source}")
+    c = loaded.model.config
+    what = (f"real: SmolLM2-135M-Instruct ({c.num_hidden_layers} layers, {c.num_key_value_heads} KV heads, head_dim "
+            f"{kv.shape[-1]}), {kv.shape[3]} tokens of English text (the fidelity set's documents)")
     return kv, what
 
 
@@ -429,21 +416,19 @@ def main() -> None:
     def extra(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--tokens", type=int, default=1024)
         parser.add_argument("--repeat", type=int, default=5)
-        parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR,
-                            help="trained model (HF directory) for the 'trained' KV source")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     repeat = 1 if args.quick else args.repeat
     report = Report("codecs", quick=args.quick, out=args.out)
     torch.set_num_threads(1)
 
-    kv, what = random_init_kv(args.quick, args.tokens)
-    report.setup["kv_random_init"] = what
+    kv, what = real_kv(64 if args.quick else args.tokens)
+    report.setup["kv_real"] = what
     report.setup["kv_dtype"] = "float16"
     report.setup["bins_per_level"] = {str(k): v for k, v in level_summary(kv.shape[0]).items()}
     report.setup["threads"] = "1 and 2: torch.set_num_threads(n) and ragkv.codecs.set_decode_workers(n)"
     report.setup["load_average_at_start"] = list(os.getloadavg())
-    main_run = run_source(report, "random-init", kv, what, repeat, args.quick)
+    main_run = run_source(report, "real", kv, what, repeat, args.quick)
     res, int8, n = main_run["results"], main_run["int8_bytes"], main_run["n"]
     mid = res[MID_LABEL]
     report.figure("cachegen_mid_vs_int8", int8 / mid["bytes"])
@@ -453,10 +438,10 @@ def main() -> None:
     report.figure("cachegen_mid_vs_fp16", main_run["fp16_bytes"] / mid["bytes"])
     report.figure("cachegen_mid_mean_abs_error", mid["mean_err"])
     report.figure("int8_mean_abs_error", res[INT8_LABEL]["mean_err"])
-    report.note("headline figures (cachegen_*) are on the random-init Qwen2.5-0.5B-shaped KV")
+    report.note("headline figures (cachegen_*) are on real KV: SmolLM2-135M-Instruct over English text")
 
     scaling, cpu = decode_scaling(kv, repeat)
-    report.table("[random-init] cachegen mid decode: threads vs processes (MB/s fp16-equivalent; CPU ms = "
+    report.table("[real] cachegen mid decode: threads vs processes (MB/s fp16-equivalent; CPU ms = "
                  "CPU time of all processes per decode)",
                  ["how", "median MB/s", "best MB/s", "speed-up (median)", "CPU ms"], scaling)
     report.figure("cachegen_decode_pool_speedup", scaling[2][3])
@@ -469,7 +454,7 @@ def main() -> None:
                 "depend on the other work sharing this machine's 2 cores (load average in setup)")
 
     delta = delta_experiment(kv)
-    report.table("[random-init] delta coding against anchor tokens (every 10), cachegen mid bins",
+    report.table("[real] delta coding against anchor tokens (every 10), cachegen mid bins",
                  ["scheme", "bits/elem", "mean abs err"],
                  [["direct (shipped)", delta["direct_bits"], delta["direct_mean_err"]],
                   ["symbol delta vs anchor (same reconstruction)", delta["symbol_delta_bits"], delta["direct_mean_err"]],
@@ -478,27 +463,16 @@ def main() -> None:
     report.figure("delta_symbol_vs_direct_bits", delta["symbol_delta_bits"] / delta["direct_bits"])
     report.figure("delta_value_vs_direct_bits", delta["value_delta_bits"] / delta["direct_bits"])
 
-    trained = None if args.quick else trained_kv(args.model_dir, args.tokens)
-    if trained is None:
-        report.note(f"trained-model KV not measured: no model at {args.model_dir} (the quality issue provides it)"
-                    if not args.quick else "quick run: trained-model KV skipped")
-    else:
-        tkv, twhat = trained
-        report.setup["kv_trained"] = twhat
-        trun = run_source(report, "trained", tkv, twhat, repeat, args.quick)
-        tmid = trun["results"][MID_LABEL]
-        report.figure("trained_cachegen_mid_vs_int8", trun["int8_bytes"] / tmid["bytes"])
-        report.figure("trained_cachegen_mid_bits_per_element", 8 * tmid["bytes"] / trun["n"])
-        report.figure("trained_cachegen_decode_mbps_2threads", tmid["decode_mbps_2"])
-        tdelta = delta_experiment(tkv)
-        report.table("[trained] delta coding against anchor tokens (every 10), cachegen mid bins",
-                     ["scheme", "bits/elem", "mean abs err"],
-                     [["direct (shipped)", tdelta["direct_bits"], tdelta["direct_mean_err"]],
-                      ["symbol delta vs anchor", tdelta["symbol_delta_bits"], tdelta["direct_mean_err"]],
-                      ["value delta vs reconstructed anchor", tdelta["value_delta_bits"],
-                       tdelta["value_delta_mean_err"]]])
-        report.figure("trained_delta_symbol_vs_direct_bits", tdelta["symbol_delta_bits"] / tdelta["direct_bits"])
-        report.figure("trained_delta_value_vs_direct_bits", tdelta["value_delta_bits"] / tdelta["direct_bits"])
+    if args.quick:
+        report.note("quick run: random-init KV skipped")
+    else:  # the comparison source: how differently random-initialised KV compresses
+        rkv, rwhat = random_init_kv(args.quick, args.tokens)
+        report.setup["kv_random_init"] = rwhat
+        rrun = run_source(report, "random-init", rkv, rwhat, repeat, args.quick)
+        rmid = rrun["results"][MID_LABEL]
+        report.figure("random_init_cachegen_mid_vs_int8", rrun["int8_bytes"] / rmid["bytes"])
+        report.figure("random_init_cachegen_mid_bits_per_element", 8 * rmid["bytes"] / rrun["n"])
+        report.figure("random_init_cachegen_decode_mbps_2threads", rmid["decode_mbps_2"])
     stop_decode_pool()
     report.setup["load_average_at_end"] = list(os.getloadavg())
     report.write()

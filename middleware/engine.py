@@ -1,6 +1,6 @@
 """``ContextEngine``: one model adapter + one store, and the shared pieces every strategy uses.
 
-    engine = ContextEngine(ModelAdapter(model, tokenizer), store)
+    engine = ContextEngine(ModelAdapter(model, tokenizer), store)   # or ContextEngine.open() (SmolLM2)
     engine.warm(corpus_texts)                                   # precompute chunk KV, one call
     ctx = engine.prepare(PrepareRequest(query, chunks, system), strategy="blend")
     result = engine.generate(ctx, GenerationConfig(max_new_tokens=64))
@@ -53,6 +53,19 @@ class ContextEngine:
         self.prefix_cache = PrefixCache(config.prefix_cache)
         self.costs = CostModel()
         self._strategies: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, model: str | None = None, store: Any = None, config: EngineConfig = EngineConfig(), *,
+             dtype: str | None = None) -> ContextEngine:
+        """An engine on a registered model (None: SmolLM2-135M-Instruct, the default; ``toy``) or a local
+        HuggingFace folder, over ``store`` (a ``TieredStore``, a spec string, or None for the embedded default).
+        """
+        from ragkv.kvstore import TieredStore
+        from ragkv.middleware.model_registry import load_model
+
+        loaded = load_model(model, dtype=dtype)
+        adapter = ModelAdapter(loaded.model, loaded.tokenizer, model_id=loaded.info.name)
+        return cls(adapter, store if isinstance(store, TieredStore) else TieredStore(store), config)
 
     # -- public API --------------------------------------------------------------------------------------------
     def strategy(self, strategy: Any = None, config: Any = None) -> Any:
