@@ -18,7 +18,9 @@ from ragkv.middleware.engine import ContextEngine, EngineConfig
 from ragkv.middleware.errors import ContextTooLong, UnsupportedModel
 from ragkv.middleware.families import FAMILIES, SUPPORTED_ROPE_TYPES
 from ragkv.middleware.generation import GenerationConfig, GenerationResult, TokenEvent, generate, stream
+from ragkv.middleware.model_registry import DEFAULT_MODEL, LoadedModel, ModelInfo, load_model
 from ragkv.middleware.prefix_cache import PrefixCache, PrefixCacheConfig
+from ragkv.middleware.prompt_template import ChatTurn, DocumentLayout, PromptTemplate
 from ragkv.middleware.rope import rotate_keys
 from ragkv.middleware.selective import HighDeviationSelector, RandomSelector, Selector, select_high_deviation
 from ragkv.middleware.strategies import (
@@ -33,12 +35,14 @@ from ragkv.middleware.strategies import (
 )
 
 __all__ = [
+    "DEFAULT_MODEL",
     "FAMILIES",
     "SUPPORTED_ROPE_TYPES",
     "AutoConfig",
     "AutoStrategy",
     "BlendConfig",
     "BlendStrategy",
+    "ChatTurn",
     "ChunkCacher",
     "ChunkInfo",
     "ChunkingConfig",
@@ -46,18 +50,22 @@ __all__ = [
     "CompressStrategy",
     "ContextEngine",
     "ContextTooLong",
+    "DocumentLayout",
     "EngineConfig",
     "FullStrategy",
     "GenerationConfig",
     "GenerationResult",
     "HighDeviationSelector",
+    "LoadedModel",
     "ModelAdapter",
+    "ModelInfo",
     "PrefixCache",
     "PrefixCacheConfig",
     "PrefixConfig",
     "PrefixStrategy",
     "PrepareRequest",
     "PreparedContext",
+    "PromptTemplate",
     "RandomSelector",
     "ReuseStrategy",
     "Selector",
@@ -66,6 +74,7 @@ __all__ = [
     "UnsupportedModel",
     "WarmReport",
     "generate",
+    "load_model",
     "make_strategy",
     "register_strategy",
     "rotate_keys",
