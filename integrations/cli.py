@@ -63,7 +63,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with _open(args.store) as store:
         stats = store.stats()
         for name, tier in zip(store.names, store.tiers):
-            stats["tiers"][name]["entries"] = sum(1 for _ in tier)
+            stats["tiers"][name]["entries"] = sum(1 for _ in tier.keys())  # noqa: SIM118 - a tier is no mapping
         print(json.dumps(stats, indent=2, default=str))
     return 0
 

@@ -125,12 +125,11 @@ def test_warm_then_ask_with_the_builtin_index(tmp_path: Path) -> None:
     assert f"warmed {chunks} chunks" in warm.stdout and f"{chunks} computed" in warm.stdout
     assert "warm [" in warm.stderr and "100.0%" in warm.stderr  # the progress bar
     q = corpus.questions[0]
-    ask = subprocess.run([*_ragkv(), "ask", q.question, "--index", str(index), "-k", "4", "--max-new-tokens", "1",
-                          "--compare"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    ask = subprocess.run([*_ragkv(), "ask", q.question, "--index", str(index), "-k", "4", "--max-new-tokens", "1"],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert ask.returncode == 0, ask.stderr[-2000:]
     assert "answer:" in ask.stdout and "TTFT" in ask.stdout and "prepare" in ask.stdout
     assert "documents: 4 of 4 from the cache (disk: 4)" in ask.stdout  # a new process: read back from disk
-    assert "full prefill: TTFT" in ask.stdout
     stats = subprocess.run([*_ragkv(), "stats"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert stats.returncode == 0 and json.loads(stats.stdout)["tiers"]["disk"]["entries"] == chunks
 
