@@ -66,9 +66,9 @@ class Scores:
 
 
 def configurations(quick: bool) -> list[Config]:
-    rows = [Config("full", "full"), Config("prefix (repeated prompt)", "prefix", repeat_prompt=True),
-            Config("reuse", "reuse"), Config(DEFAULT, "blend", BlendConfig())]
+    rows = [Config("full", "full"), Config("reuse", "reuse"), Config(DEFAULT, "blend", BlendConfig())]
     if not quick:
+        rows.insert(1, Config("prefix (repeated prompt)", "prefix", repeat_prompt=True))
         for r in (0.05, 0.3, 0.5):
             rows.append(Config(f"blend {r}", "blend", BlendConfig(ratio=r)))
         rows += [Config("blend 0.15 value deviation", "blend", BlendConfig(deviation="value")),
@@ -204,13 +204,14 @@ def plot(rows: Sequence[tuple[str, float, float, float]], path: Path) -> bool:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
-        p.add_argument("--questions", type=int, default=None, help="questions (default 180; quick 4)"),
-        p.add_argument("--max-new-tokens", type=int, default=24),
+        p.add_argument("--questions", type=int, default=None, help="questions (default 180; quick 3)"),
+        p.add_argument("--max-new-tokens", type=int, default=None, help="default 24 (quick: 8)"),
         p.add_argument("--repeat", type=int, default=None, help="timed TTFT runs per strategy (default 5)"),
         p.add_argument("--threads", type=int, default=None)))
     if args.threads:
         torch.set_num_threads(args.threads)
-    n = args.questions or (4 if args.quick else fidelity_set.DEFAULT_QUESTIONS)
+    n = args.questions or (3 if args.quick else fidelity_set.DEFAULT_QUESTIONS)
+    max_new_tokens = args.max_new_tokens or (8 if args.quick else 24)
     chunks, tokens = (2, 64) if args.quick else (8, 256)
     repeat = args.repeat or (1 if args.quick else 5)
     report = Report("fidelity", quick=args.quick, out=args.out)
@@ -221,7 +222,7 @@ def main() -> None:
                     "two_doc_questions": sum(q.kind == "two-doc" for q in questions),
                     "documents_per_question": [min(len(q.documents) for q in questions),
                                                max(len(q.documents) for q in questions)],
-                    "max_new_tokens": args.max_new_tokens, "agreement_tokens": AGREEMENT_TOKENS,
+                    "max_new_tokens": max_new_tokens, "agreement_tokens": AGREEMENT_TOKENS,
                     "ttft_prompt": f"{chunks} chunks x {tokens} tokens", "ttft_repeat": repeat,
                     "ttft_statistic": "median after one untimed run, the same for every row",
                     "threads": torch.get_num_threads()}
@@ -230,7 +231,7 @@ def main() -> None:
     scores: dict[str, Scores] = {}
     for config in configs:
         start = time.perf_counter()
-        scores[config.name] = run(engine, questions, config, args.max_new_tokens)
+        scores[config.name] = run(engine, questions, config, max_new_tokens)
         print(f"  {config.name}: {time.perf_counter() - start:.0f} s", flush=True)
     ttft = measure_ttft(engine, configs, chunks, tokens, repeat)
     full_ttft = ttft["full"]
