@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from ragkv.kvstore.errors import ConfigError, CorruptEntry
 
 SHARED_NAMESPACE = "shared"
+MAX_TOKEN_ID = (1 << 31) - 1  # token ids are hashed as int32
 _NAMESPACE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -78,24 +80,13 @@ class ChunkMeta:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ChunkMeta:
+        """Strict inverse of ``to_dict`` (every field of its exact type and in range); ``CorruptEntry`` if not."""
+        from ragkv.kvstore.header_schema import parse_meta
+
         try:
-            token_ids = d["token_ids"]
-            if not isinstance(token_ids, list) or not all(type(t) is int for t in token_ids):
-                raise TypeError("token_ids must be a list of integers")
-            extra = d.get("extra", {})
-            if not isinstance(extra, dict):
-                raise TypeError("extra must be an object")
-            meta = cls(
-                fingerprint=str(d["fingerprint"]),
-                token_ids=tuple(token_ids),
-                position=int(d["position"]),
-                dtype=str(d["dtype"]),
-                rope=bool(d["rope"]),
-                extra=extra,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+            return parse_meta(dict(d) if isinstance(d, Mapping) else d)
+        except (TypeError, ValueError) as exc:
             raise CorruptEntry(f"invalid chunk metadata: {exc}") from exc
-        return meta
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,10 +143,18 @@ def chunk_key(fingerprint: ModelFingerprint | str, namespace: str, token_ids: Se
     is spelled out in front so tiers can prefix and isolate by tenant without a lookup.
     """
     check_namespace(namespace)
+    ids = list(token_ids)
+    if not all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in ids):
+        try:
+            ids = [operator.index(t) for t in ids]
+        except TypeError:
+            raise ConfigError("token ids must be integers") from None
+        if not all(0 <= t <= MAX_TOKEN_ID for t in ids):
+            raise ConfigError(f"token ids must be integers in [0, {MAX_TOKEN_ID}]")
     h = hashlib.blake2b(digest_size=20)
     h.update(str(fingerprint).encode() + b"\x00")
     h.update(namespace.encode() + b"\x00")
-    h.update(torch.tensor(list(token_ids), dtype=torch.int32).numpy().astype("<i4").tobytes())
+    h.update(torch.tensor(ids, dtype=torch.int32).numpy().astype("<i4").tobytes())
     return f"{namespace}:{h.hexdigest()}"
 
 

@@ -22,7 +22,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ragkv.kvstore.errors import ConfigError
-from ragkv.kvstore.tiers import DeviceConfig, DiskConfig, HostConfig, RedisConfig, TierConfig
+from ragkv.kvstore.header_schema import DEFAULT_MAX_ENTRY_ELEMENTS, EntryLimits
+from ragkv.kvstore.tiers import DiskConfig, HostConfig, TierConfig, tier_class, tier_kinds
 from ragkv.kvstore.tiers.base import parse_size
 
 WRITE_POLICIES = ("write-through", "write-back")
@@ -30,9 +31,6 @@ DEFAULT_HOST_CAPACITY = "2GB"
 DEFAULT_DISK_CAPACITY = "20GB"
 ENV_SPEC = "RAGKV_STORE"
 
-_KIND_CONFIGS: dict[str, type[TierConfig]] = {
-    "host": HostConfig, "device": DeviceConfig, "disk": DiskConfig, "redis": RedisConfig,
-}
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,7 @@ class StoreConfig:
     write_queue_size: int = 256
     prefetch_workers: int = 4
     promote: bool = True
+    max_entry_elements: int = DEFAULT_MAX_ENTRY_ELEMENTS  # what one blob may declare (decompression bombs)
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -56,6 +55,7 @@ class StoreConfig:
             raise ConfigError(f"write_queue_size must be >= 1, got {self.write_queue_size}")
         if self.prefetch_workers < 1:
             raise ConfigError(f"prefetch_workers must be >= 1, got {self.prefetch_workers}")
+        EntryLimits(self.max_entry_elements)  # ConfigError unless a positive integer
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:
@@ -75,12 +75,10 @@ class StoreConfig:
 
 def tier_config_from_dict(data: Mapping[str, Any]) -> TierConfig:
     if not isinstance(data, Mapping) or "kind" not in data:
-        raise ConfigError(f"each tier needs a 'kind' (one of {sorted(_KIND_CONFIGS)}), got {data!r}")
+        raise ConfigError(f"each tier needs a 'kind' (one of {tier_kinds()}), got {data!r}")
     data = dict(data)
     kind = data.pop("kind")
-    cls = _KIND_CONFIGS.get(kind)
-    if cls is None:
-        raise ConfigError(f"unknown tier kind {kind!r}; allowed: {sorted(_KIND_CONFIGS)}")
+    cls = tier_class(kind).config_class  # ConfigError naming the registered kinds
     if "capacity" in data:
         data["capacity_bytes"] = parse_size(data.pop("capacity"))
     allowed = {f.name for f in fields(cls)}
@@ -139,7 +137,7 @@ def parse_spec(spec: str, **store_options: Any) -> StoreConfig:
     i = 0
     while i < len(parts):
         part = parts[i]
-        if part.startswith("redis+cluster://"):
+        if part.startswith(("redis+cluster://", "rediss+cluster://")):
             # Gather following seed nodes of the same cluster.
             url, _, query = part.partition("?")
             nodes = [url]
@@ -187,7 +185,7 @@ _OPTION_FIELDS = {
 
 
 def _apply_options(kind: str, base: dict[str, Any], options: dict[str, Any], codec_params: dict[str, Any]) -> TierConfig:
-    cls = _KIND_CONFIGS[kind]
+    cls = tier_class(kind).config_class
     allowed = {f.name for f in fields(cls)}
     for name, value in options.items():
         target = _OPTION_FIELDS.get(name, name)
@@ -201,7 +199,7 @@ def _apply_options(kind: str, base: dict[str, Any], options: dict[str, Any], cod
 
 
 def _parse_tier(part: str) -> TierConfig:
-    if part.startswith(("redis://", "rediss://", "redis+cluster://", "unix://")):
+    if part.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "unix://")):
         scheme_rest = urlsplit(part.replace(",", "\x00"))  # keep cluster seeds intact through urlsplit
         options, codec_params = _parse_options(scheme_rest.query)
         url = urlunsplit(scheme_rest._replace(query="")).replace("\x00", ",")

@@ -7,28 +7,26 @@ Layout (little-endian)::
     flags     u16      0
     hdr_len   u32      length of the JSON header
     pay_len   u64      length of the codec payload
-    header    hdr_len  UTF-8 JSON: codec, params, shape, dtype, meta, expires_at
+    header    hdr_len  UTF-8 JSON: key, codec, params, shape, dtype, meta, expires_at
     payload   pay_len  the codec's bytes
     crc32     u32      over everything before it
 
-Decoding validates magic, version, sizes and the checksum before it parses or allocates anything; any
-fault raises ``CorruptEntry``. Nothing here unpickles.
+The header names the store key the entry was written under, so the checksum binds key, model fingerprint,
+token ids and KV together: a blob copied under another key is refused. Decoding validates magic, version,
+sizes and the checksum, then the header strictly (``ragkv.kvstore.header_schema``, including the reader's
+``EntryLimits``), before it allocates anything; any fault raises ``CorruptEntry``. Nothing here unpickles.
 """
 from __future__ import annotations
 
 import json
 import struct
-import time
 import zlib
-from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from ragkv.codecs import Codec, CodecError, get_codec
-from ragkv.codecs.base import DTYPE_NAMES, check_shape, dtype_from_name
-from ragkv.kvstore.chunk import ChunkKV, ChunkMeta
+from ragkv.codecs.base import DTYPE_NAMES, dtype_from_name
+from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.errors import CorruptEntry
+from ragkv.kvstore.header_schema import EntryHeader, EntryLimits, parse_header
 
 MAGIC = b"RGKV"
 VERSION = 1
@@ -36,25 +34,15 @@ _PREFIX = struct.Struct("<4sHHIQ")  # magic, version, flags, header length, payl
 _CRC = struct.Struct("<I")
 MAX_HEADER_BYTES = 16 << 20  # token ids of a long chunk fit easily; anything larger is hostile
 OVERHEAD_BYTES = _PREFIX.size + _CRC.size
+PAYLOAD_ALIGNMENT = 64
+DEFAULT_LIMITS = EntryLimits()
 
 
-@dataclass(frozen=True)
-class EntryHeader:
-    codec: str
-    params: dict[str, Any]
-    shape: tuple[int, ...]
-    dtype: str
-    meta: ChunkMeta
-    expires_at: float | None = None
-
-    def expired(self, now: float | None = None) -> bool:
-        return self.expires_at is not None and (now if now is not None else time.time()) >= self.expires_at
-
-
-def encode_entry(chunk: ChunkKV, codec: Codec, expires_at: float | None = None) -> bytes:
-    """ChunkKV -> blob, with ``codec`` for the payload."""
+def encode_entry(chunk: ChunkKV, codec: Codec, expires_at: float | None = None, key: str | None = None) -> bytes:
+    """ChunkKV -> blob, with ``codec`` for the payload; ``key`` is the store key it is written under."""
     payload = codec.encode(chunk.kv)
     header = {
+        "key": None if key is None else check_key(key),
         "codec": codec.name,
         "params": codec.params.to_dict(),
         "shape": list(chunk.kv.shape),
@@ -62,22 +50,22 @@ def encode_entry(chunk: ChunkKV, codec: Codec, expires_at: float | None = None) 
         "meta": chunk.meta.to_dict(),
         "expires_at": expires_at,
     }
-    hdr = _aligned_header(header)
+    return _frame(_aligned_header(header), payload)
+
+
+def _frame(hdr: bytes, payload: bytes | memoryview) -> bytes:
     prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(hdr), len(payload))
     crc = zlib.crc32(payload, zlib.crc32(hdr, zlib.crc32(prefix)))
     return b"".join((prefix, hdr, payload, _CRC.pack(crc)))
 
 
-PAYLOAD_ALIGNMENT = 64
-
-
-def _aligned_header(header: dict[str, Any]) -> bytes:
+def _aligned_header(header: dict[str, object]) -> bytes:
     """JSON header padded with spaces so the payload starts on a 64-byte boundary of the blob.
 
     Codec payloads begin with an 8-byte-per-entry layer table, so the tensor bytes of a ``raw`` payload land
     8-byte aligned and can be viewed in place (zero-copy) instead of copied into a fresh tensor.
     """
-    hdr = json.dumps(header, separators=(",", ":")).encode()
+    hdr = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     pad = -(_PREFIX.size + len(hdr)) % PAYLOAD_ALIGNMENT
     return hdr + b" " * pad
 
@@ -109,48 +97,33 @@ def _split(blob: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview
     return hdr, payload
 
 
-def _parse_header(hdr: memoryview) -> EntryHeader:
-    try:
-        d = json.loads(bytes(hdr))
-        if not isinstance(d, dict):
-            raise TypeError("header is not an object")
-        shape = tuple(d["shape"])
-        check_shape(shape)
-        dtype = str(d["dtype"])
-        dtype_from_name(dtype)
-        params = d.get("params") or {}
-        if not isinstance(params, dict):
-            raise TypeError("params is not an object")
-        expires_at = d.get("expires_at")
-        if expires_at is not None and not isinstance(expires_at, (int, float)):
-            raise TypeError("expires_at is not a number")
-        meta = ChunkMeta.from_dict(d["meta"])
-        if len(meta.token_ids) != shape[3]:
-            raise ValueError(f"meta has {len(meta.token_ids)} token ids for {shape[3]} tokens of KV")
-        return EntryHeader(str(d["codec"]), params, shape, dtype, meta, expires_at)
-    except CorruptEntry:
-        raise
-    except (ValueError, TypeError, KeyError, CodecError, UnicodeDecodeError) as exc:
-        raise CorruptEntry(f"invalid entry header: {exc}") from exc
+def _checked_header(hdr: memoryview, limits: EntryLimits | None, key: str | None) -> EntryHeader:
+    header = parse_header(bytes(hdr), limits or DEFAULT_LIMITS)
+    if key is not None and header.key is not None and header.key != key:
+        raise CorruptEntry(f"entry was written under key {header.key!r}, not {key!r}")
+    return header
 
 
-def read_header(blob: bytes | bytearray | memoryview) -> EntryHeader:
-    """Validate a blob (checksum included) and return its header without decoding the payload."""
+def read_header(blob: bytes | bytearray | memoryview, limits: EntryLimits | None = None,
+                key: str | None = None) -> EntryHeader:
+    """Validate a blob (checksum, header, ``limits``; and, given ``key``, that it was written under it) and
+    return its header without decoding the payload."""
     hdr, _ = _split(blob)
-    return _parse_header(hdr)
+    return _checked_header(hdr, limits, key)
 
 
-def read_entry(blob: bytes | bytearray | memoryview) -> tuple[EntryHeader, memoryview]:
-    """Validate a blob (checksum included) once; return its header and a view of the codec payload, for
+def read_entry(blob: bytes | bytearray | memoryview, limits: EntryLimits | None = None,
+               key: str | None = None) -> tuple[EntryHeader, memoryview]:
+    """Validate a blob once (as ``read_header``); return its header and a view of the codec payload, for
     callers that decode it themselves (e.g. layer by layer with ``Codec.decode_layers``)."""
     hdr, payload = _split(blob)
-    return _parse_header(hdr), payload
+    return _checked_header(hdr, limits, key), payload
 
 
-def decode_entry(blob: bytes | bytearray | memoryview) -> tuple[EntryHeader, ChunkKV]:
+def decode_entry(blob: bytes | bytearray | memoryview, limits: EntryLimits | None = None,
+                 key: str | None = None) -> tuple[EntryHeader, ChunkKV]:
     """Blob -> (header, ChunkKV). Raises ``CorruptEntry`` on anything wrong."""
-    hdr, payload = _split(blob)
-    header = _parse_header(hdr)
+    header, payload = read_entry(blob, limits, key)
     try:
         codec = get_codec(header.codec, header.params)
         kv = codec.decode(payload, header.shape, dtype_from_name(header.dtype))
@@ -159,26 +132,20 @@ def decode_entry(blob: bytes | bytearray | memoryview) -> tuple[EntryHeader, Chu
     return header, ChunkKV(kv, header.meta)
 
 
-def decode_entry_layers(blob: bytes | bytearray | memoryview, layers: list[int]) -> tuple[EntryHeader, torch.Tensor]:
-    """Blob -> (header, kv of just ``layers`` [len(layers), 2, H, T, D]) for layer-wise pipelining."""
+def rewrite_header(blob: bytes | bytearray | memoryview, *, expires_at: float | None,
+                   limits: EntryLimits | None = None, key: str | None = None) -> bytes:
+    """``blob`` with its header's ``expires_at`` replaced (validated first; the payload is copied once).
+    Given ``key``, the blob must have been written under it, or carry no key and get this one."""
     hdr, payload = _split(blob)
-    header = _parse_header(hdr)
-    try:
-        codec = get_codec(header.codec, header.params)
-        kv = codec.decode_layers(payload, header.shape, dtype_from_name(header.dtype), layers)
-    except CodecError as exc:
-        raise CorruptEntry(f"payload does not decode with codec {header.codec!r}: {exc}") from exc
-    return header, kv
-
-
-def with_expiry(blob: bytes | bytearray | memoryview, expires_at: float | None) -> bytes:
-    """Return ``blob`` with its header's ``expires_at`` replaced (validates first; the payload is copied once)."""
-    hdr, payload = _split(blob)
-    d = json.loads(bytes(hdr))
-    if d.get("expires_at") == expires_at:
+    header = _checked_header(hdr, limits, key)
+    if header.expires_at == expires_at and (key is None or header.key == key):
         return bytes(blob)
+    d = json.loads(bytes(hdr))
     d["expires_at"] = expires_at
-    new_hdr = _aligned_header(d)
-    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(new_hdr), len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(new_hdr, zlib.crc32(prefix)))
-    return b"".join((prefix, new_hdr, payload, _CRC.pack(crc)))
+    if key is not None:
+        d["key"] = key
+    return _frame(_aligned_header(d), payload)
+
+
+__all__ = ["MAGIC", "OVERHEAD_BYTES", "VERSION", "EntryHeader", "EntryLimits", "decode_entry", "encode_entry",
+           "read_entry", "read_header", "rewrite_header"]

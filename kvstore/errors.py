@@ -20,3 +20,11 @@ class TierUnavailable(RagKVError):
 
 class ModelMismatch(RagKVError):
     """KV computed by one model was offered to another (fingerprints differ)."""
+
+
+class StoreClosed(RagKVError):
+    """An operation on a store after ``close``."""
+
+
+class StoreWriteError(RagKVError):
+    """A put failed in a tier; the store removed what it had written, so no tier holds the new value."""

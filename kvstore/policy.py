@@ -1,9 +1,11 @@
 """Eviction policies (pluggable, LRU by default) and retry back-off strategies for network tiers."""
 from __future__ import annotations
 
+import heapq
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from typing import ClassVar
 
 
@@ -48,6 +50,40 @@ class FIFOPolicy(LRUPolicy):
 
     def touch(self, key: str) -> None:
         pass
+
+
+def fair_victims(policy: EvictionPolicy, sizes: Mapping[str, int], pinned: AbstractSet[str], need: int,
+                 spare: str | None = None) -> list[str]:
+    """Victims that free at least ``need`` bytes, fair between namespaces (the part of a key before ``:``).
+
+    Each victim is the policy's next one from the namespace that holds the most unpinned bytes at that
+    moment, so a tenant filling a shared tier evicts its own entries once it holds more than the others
+    and can never push another tenant below its own share. Pinned keys and ``spare`` are never chosen.
+    One pass over the policy order, then a heap over namespaces. Fewer bytes than ``need`` when only
+    pinned entries are left."""
+    queues: dict[str, list[str]] = {}
+    held: dict[str, int] = {}
+    for key in policy.victims():
+        if key in pinned or key == spare or key not in sizes:
+            continue
+        ns = key.partition(":")[0]
+        queues.setdefault(ns, []).append(key)
+        held[ns] = held.get(ns, 0) + sizes[key]
+    heap = [(-b, ns) for ns, b in held.items()]
+    heapq.heapify(heap)
+    cursor = dict.fromkeys(queues, 0)
+    chosen: list[str] = []
+    freed = 0
+    while freed < need and heap:
+        _, ns = heapq.heappop(heap)
+        key = queues[ns][cursor[ns]]
+        cursor[ns] += 1
+        chosen.append(key)
+        freed += sizes[key]
+        held[ns] -= sizes[key]
+        if cursor[ns] < len(queues[ns]):
+            heapq.heappush(heap, (-held[ns], ns))
+    return chosen
 
 
 POLICIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}

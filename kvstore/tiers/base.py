@@ -7,6 +7,7 @@ blobs, so the store can move a blob between slow tiers without decoding it. A mi
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -17,6 +18,7 @@ from ragkv.codecs import Codec, CodecError, get_codec
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.container import decode_entry, encode_entry
 from ragkv.kvstore.errors import ConfigError, CorruptEntry
+from ragkv.kvstore.header_schema import EntryLimits
 from ragkv.kvstore.stats import TierStats
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -80,6 +82,7 @@ class Tier:
         self.config = config
         self.codec: Codec = get_codec(config.codec, dict(config.codec_params))
         self.stats = TierStats()
+        self.limits = EntryLimits()  # what a blob read here may declare; a TieredStore sets its own
         self._pinned: set[str] = set()
         self._lock = threading.RLock()
 
@@ -109,14 +112,28 @@ class Tier:
     def close(self) -> None:
         pass
 
+    def expiry(self, key: str) -> float | None:
+        """When ``key`` expires (epoch seconds), None if never or unknown; tiers holding blobs say it in them."""
+        return None
+
+    def namespace_usage(self, namespace: str) -> tuple[int, int]:
+        """(bytes, pinned bytes) ``namespace`` holds here; (0, 0) where the tier does not count them."""
+        return 0, 0
+
     # -- blobs: slow tiers override; fast tiers encode/decode on the way ----------------------------------
     def get_blob(self, key: str) -> bytes | None:
         chunk = self.get(key)
-        return None if chunk is None else encode_entry(chunk, self.codec)
+        return None if chunk is None else encode_entry(chunk, self.codec, self.expiry(key), key)
 
     def put_blob(self, key: str, blob: bytes, ttl_s: float | None = None) -> None:
-        """Store a container blob. Raises ``CorruptEntry`` if it does not validate."""
-        _, chunk = decode_entry(blob)
+        """Store a container blob (decoded here, within ``limits``). Raises ``CorruptEntry`` if it does not
+        validate or was written under another key. Without ``ttl_s`` the header's expiry is kept."""
+        header, chunk = decode_entry(blob, self.limits, key)
+        if ttl_s is None and header.expires_at is not None:
+            ttl_s = header.expires_at - time.time()
+            if ttl_s <= 0:
+                self.delete(key)
+                return
         self.put(key, chunk, ttl_s=ttl_s)
 
     # -- pinning: pinned keys are never evicted ---------------------------------------------------------------
@@ -162,11 +179,16 @@ class Tier:
         self.close()
 
 
+MAX_TTL_S = 100 * 365 * 86400.0
+
+
 def expiry_time(ttl_s: float | None) -> float | None:
+    """``ttl_s`` from now as epoch seconds; ``ConfigError`` unless None or a finite number in (0, 100 years]."""
     if ttl_s is None:
         return None
-    if ttl_s <= 0:
-        raise ConfigError(f"ttl_s must be > 0, got {ttl_s}")
+    if (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not math.isfinite(ttl_s)
+            or not 0 < ttl_s <= MAX_TTL_S):
+        raise ConfigError(f"ttl_s must be None or a finite number of seconds in (0, {MAX_TTL_S:.0f}], got {ttl_s!r}")
     return time.time() + ttl_s
 
 

@@ -15,8 +15,6 @@ directory, and any of them may have written or evicted an entry since this one l
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
 import logging
 import os
@@ -29,20 +27,25 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ragkv.kvstore.chunk import ChunkKV, check_key
-from ragkv.kvstore.container import EntryHeader, decode_entry, encode_entry, read_header, with_expiry
+from ragkv.kvstore.container import decode_entry, encode_entry, read_header, rewrite_header
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, TierUnavailable
-from ragkv.kvstore.policy import make_policy
+from ragkv.kvstore.header_schema import EntryHeader
+from ragkv.kvstore.policy import fair_victims, make_policy
 from ragkv.kvstore.tiers.base import Tier, TierConfig, expiry_time, register_tier
+from ragkv.kvstore.tiers.disk_files import (
+    ENTRY_SUFFIX,
+    NAMESPACE_DIRS,
+    STALE_TMP_AGE_S,
+    TMP_SUFFIX,
+    FileRead,
+    name_hash,
+    read_file,
+    scan_entries,
+    unlink_quietly,
+    write_atomically,
+)
 
 logger = logging.getLogger(__name__)
-
-ENTRY_SUFFIX = ".kv"
-TMP_SUFFIX = ".tmp"
-STALE_TMP_AGE_S = 600.0  # a temp file this old cannot belong to a live writer (an 8 MB write takes ms)
-# "." and ".." are valid namespaces for check_key but are path components; '%' is outside the key alphabet,
-# so the escaped spellings cannot collide with a real namespace.
-_NAMESPACE_DIRS = {".": "%2E", "..": "%2E%2E"}
-_DIR_NAMESPACES = {v: k for k, v in _NAMESPACE_DIRS.items()}
 
 T = TypeVar("T")
 
@@ -76,17 +79,6 @@ class DiskConfig(TierConfig):
 class _IndexEntry:
     size: int
     expires_at: float | None  # None: never expires, or not known yet (entry found by a scan, not read)
-
-
-@dataclass(frozen=True)
-class _FileRead:
-    data: bytes | bytearray
-    identity: tuple[int, int]  # (st_dev, st_ino) of the file read, so we only delete that very file
-
-
-def name_hash(name: str) -> str:
-    """Fan-out hash of an entry name: stable across processes and machines (never Python's ``hash``)."""
-    return hashlib.blake2b(name.encode(), digest_size=4).hexdigest()
 
 
 @register_tier
@@ -140,20 +132,21 @@ class DiskTier(Tier):
         """Where ``key``'s entry file lives (whether or not it exists)."""
         namespace, name = check_key(key).split(":")
         h = name_hash(name)
-        return os.path.join(self.root, _NAMESPACE_DIRS.get(namespace, namespace), h[0:2], h[2:4],
+        return os.path.join(self.root, NAMESPACE_DIRS.get(namespace, namespace), h[0:2], h[2:4],
                             name + ENTRY_SUFFIX)
 
     # -- reads ---------------------------------------------------------------------------------------------------
     def get(self, key: str) -> ChunkKV | None:
         check_key(key)
         with self.stats.timed("get"):
-            found = self._load_counted(key, decode_entry)
+            found = self._load_counted(key, lambda data: decode_entry(data, self.limits, key))
             return None if found is None else found[1]
 
     def get_blob(self, key: str) -> bytes | None:
         check_key(key)
         with self.stats.timed("get"):
-            found = self._load_counted(key, _validate_blob, as_bytes=True)
+            found = self._load_counted(key, lambda data: (read_header(data, self.limits, key), None),
+                                       as_bytes=True)
             return None if found is None else bytes(found[0].data)  # already bytes: no copy
 
     def get_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
@@ -173,7 +166,7 @@ class DiskTier(Tier):
 
     def _load_counted(
         self, key: str, validate: Callable[[bytes | bytearray], tuple[EntryHeader, T]], as_bytes: bool = False,
-    ) -> tuple[_FileRead, T] | None:
+    ) -> tuple[FileRead, T] | None:
         """``_load`` plus hit/miss/error accounting; a failing disk is a miss here, never an exception."""
         try:
             found = self._load(key, validate, as_bytes)
@@ -189,10 +182,10 @@ class DiskTier(Tier):
 
     def _load(
         self, key: str, validate: Callable[[bytes | bytearray], tuple[EntryHeader, T]], as_bytes: bool,
-    ) -> tuple[_FileRead, T] | None:
+    ) -> tuple[FileRead, T] | None:
         """Read and validate ``key``'s file. Corrupt or expired files are deleted and reported as misses."""
         path = self.path_for(key)
-        read = _read_file(path, as_bytes)
+        read = read_file(path, as_bytes)
         if read is None:  # another process evicted or deleted it
             with self._lock:
                 self._forget_locked(key)
@@ -231,20 +224,20 @@ class DiskTier(Tier):
         check_key(key)
         expires_at = expiry_time(ttl_s)
         with self.stats.timed("put"):
-            self._store_counted(key, encode_entry(chunk, self.codec, expires_at), expires_at)
+            self._store_counted(key, encode_entry(chunk, self.codec, expires_at, key), expires_at)
 
     def put_blob(self, key: str, blob: bytes, ttl_s: float | None = None) -> None:
-        """Store a container blob as is. Raises ``CorruptEntry`` (storing nothing) if it does not validate."""
+        """Store a container blob as is (its header names ``key`` once stored). Raises ``CorruptEntry``
+        (storing nothing) if it does not validate or was written under another key."""
         check_key(key)
         with self.stats.timed("put"):
-            header = read_header(blob)
-            expires_at = header.expires_at
-            if ttl_s is not None:
-                expires_at = expiry_time(ttl_s)
-                blob = with_expiry(blob, expires_at)
-            elif header.expired():
-                return  # already dead: storing it would only cost a write and a delete
-            self._store_counted(key, blob, expires_at)
+            header = read_header(blob, self.limits, key)
+            expires_at = header.expires_at if ttl_s is None else expiry_time(ttl_s)
+            if header.expired() and ttl_s is None:
+                self.delete(key)  # already dead: the old value must not stay either
+                return
+            self._store_counted(key, rewrite_header(blob, expires_at=expires_at, limits=self.limits, key=key),
+                                expires_at)
 
     def _store_counted(self, key: str, blob: bytes | bytearray | memoryview, expires_at: float | None) -> None:
         try:
@@ -260,12 +253,14 @@ class DiskTier(Tier):
             with self._lock:
                 pinned = sum(self._entries[k].size for k in self._pinned if k in self._entries and k != key)
             if pinned + size > cap:
-                # Larger than the whole tier, or than what pins leave of it: not cached here.
+                # Larger than the whole tier, or than what pins leave of it: not cached here, and the old
+                # value of the key goes too (it must never be served after a newer write).
                 self.stats.add(evictions=1)
+                self.delete(key)
                 return
         path = self.path_for(key)
         try:
-            self._write_atomically(path, blob)
+            write_atomically(self.root, path, blob, self.config.fsync, self._tmp_name())
         except OSError as exc:
             raise TierUnavailable(f"cannot write {path}: {exc}") from exc
         with self._lock:
@@ -273,46 +268,9 @@ class DiskTier(Tier):
             self.stats.add(puts=1, bytes_in=size)
             self._evict_locked(key)
 
-    def _write_atomically(self, path: str, blob: bytes | bytearray | memoryview) -> None:
-        """Temp file in the target directory, write, fsync, rename over the entry, fsync the directory."""
-        directory = os.path.dirname(path)
-        # Unique per process and thread; the random part covers a pid reused after a crash.
-        tmp = os.path.join(directory, f".{os.getpid()}-{threading.get_ident()}-{next(self._tmp_counter)}-"
-                                      f"{secrets.token_hex(4)}{TMP_SUFFIX}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(tmp, flags, 0o644)
-        except FileNotFoundError:
-            self._make_dirs(directory)
-            fd = os.open(tmp, flags, 0o644)
-        try:
-            try:
-                view = memoryview(blob).cast("B")
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written:])
-                if self.config.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        if self.config.fsync:
-            _fsync_dir(directory)
-
-    def _make_dirs(self, directory: str) -> None:
-        """Create the fan-out directories; fsync the parents of new ones so the entry's path is durable."""
-        new: list[str] = []
-        d = directory
-        while d != self.root and not os.path.isdir(d):
-            new.append(d)
-            d = os.path.dirname(d)
-        os.makedirs(directory, exist_ok=True)
-        if self.config.fsync:
-            for d in new:
-                _fsync_dir(os.path.dirname(d))
+    def _tmp_name(self) -> str:
+        """Unique per process and thread; the random part covers a pid reused after a crash."""
+        return f".{os.getpid()}-{threading.get_ident()}-{next(self._tmp_counter)}-{secrets.token_hex(4)}{TMP_SUFFIX}"
 
     # -- other single-key operations -------------------------------------------------------------------------------
     def delete(self, key: str) -> bool:
@@ -339,7 +297,7 @@ class DiskTier(Tier):
             entry = self._entries.get(key)
         if entry is not None and entry.expires_at is not None and time.time() >= entry.expires_at:
             with self._lock:
-                _unlink_quietly(path)
+                unlink_quietly(path)
                 self._forget_locked(key)
             self.stats.add(expired=1)
             return False
@@ -367,6 +325,18 @@ class DiskTier(Tier):
 
     def used_bytes(self) -> int:
         return self._used
+
+    def expiry(self, key: str) -> float | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.expires_at
+
+    def namespace_usage(self, namespace: str) -> tuple[int, int]:
+        prefix = namespace + ":"
+        with self._lock:
+            used = sum(e.size for k, e in self._entries.items() if k.startswith(prefix))
+            pinned = sum(self._entries[k].size for k in self._pinned if k.startswith(prefix) and k in self._entries)
+        return used, pinned
 
     def close(self) -> None:
         with self._lock:
@@ -408,8 +378,10 @@ class DiskTier(Tier):
                 self._rescan_locked()  # other processes may have added or evicted entries
             except OSError as exc:
                 raise TierUnavailable(f"cannot rescan {self.root}: {exc}") from exc
-        # The entry just written goes last: it is evicted only if everything else left is pinned.
-        for victim in [*(k for k in self._policy.victims() if k != just_written), just_written]:
+        # Fair between namespaces; the entry just written goes last, only if everything else left is pinned.
+        sizes = {k: e.size for k, e in self._entries.items()}
+        victims = fair_victims(self._policy, sizes, self._pinned, self._used - cap, spare=just_written)
+        for victim in [*victims, just_written]:
             if self._used <= cap:
                 return
             if victim in self._pinned or victim not in self._entries:
@@ -428,7 +400,7 @@ class DiskTier(Tier):
 
         Entries not yet known are inserted oldest mtime first, so after a restart recency is the write order
         (reads do not touch mtime: a cache directory may be read-only for some readers)."""
-        found = self._scan()
+        found = scan_entries(self.root)
         for key in [k for k in self._entries if k not in found]:
             self._forget_locked(key)
         for key, (size, _mtime) in sorted(found.items(), key=lambda item: item[1][1]):
@@ -442,122 +414,6 @@ class DiskTier(Tier):
                 entry.size = size
         self._last_scan = time.monotonic()
 
-    def _scan(self) -> dict[str, tuple[int, float]]:
-        """Walk ``<root>/<namespace>/<aa>/<bb>/`` -> {key: (size, mtime)}. Files that are not well-formed
-        entries of this layout are left alone (the directory may hold other things); ``*.tmp`` files older
-        than ``STALE_TMP_AGE_S`` are removed (younger ones may belong to a live writer elsewhere)."""
-        found: dict[str, tuple[int, float]] = {}
-        now = time.time()
-        for ns_dir in _subdirs(self.root):
-            namespace = _DIR_NAMESPACES.get(ns_dir.name, ns_dir.name)
-            for level1 in _subdirs(ns_dir.path):
-                for level2 in _subdirs(level1.path):
-                    if len(level1.name) != 2 or len(level2.name) != 2:
-                        continue  # not a fan-out directory: the name check below would reject its files anyway
-                    prefix = level1.name + level2.name
-                    for item in _scandir(level2.path):
-                        self._scan_file(item, namespace, prefix, now, found)
-        return found
-
-    def _scan_file(self, item: os.DirEntry[str], namespace: str, prefix: str, now: float,
-                   found: dict[str, tuple[int, float]]) -> None:
-        try:
-            if not item.is_file(follow_symlinks=False):
-                return
-            if item.name.endswith(TMP_SUFFIX):
-                if now - item.stat(follow_symlinks=False).st_mtime > STALE_TMP_AGE_S:
-                    _unlink_quietly(item.path)
-                return
-            if not item.name.endswith(ENTRY_SUFFIX):
-                return
-            name = item.name[:-len(ENTRY_SUFFIX)]
-            key = f"{namespace}:{name}"
-            try:
-                check_key(key)
-            except ConfigError:
-                return
-            if name_hash(name)[:4] != prefix:
-                return
-            st = item.stat(follow_symlinks=False)
-        except FileNotFoundError:  # removed by another process while we walked
-            return
-        found[key] = (st.st_size, st.st_mtime)
-
-
-def _validate_blob(data: bytes | bytearray) -> tuple[EntryHeader, None]:
-    """Checksum and header only: ``get_blob`` hands the bytes on without decoding the payload."""
-    return read_header(data), None
-
-
-# -- file helpers ---------------------------------------------------------------------------------------------------
-def _read_file(path: str, as_bytes: bool) -> _FileRead | None:
-    """The whole file in one buffer sized by ``fstat`` (one allocation, no growth), or ``None`` if missing.
-
-    ``as_bytes`` reads into a ``bytes`` object (for ``get_blob``, whose callers want immutable bytes) rather
-    than a preallocated ``bytearray``; both are a single read of the file's size."""
-    try:
-        with open(path, "rb", buffering=0) as f:
-            st = os.fstat(f.fileno())
-            data = f.read() if as_bytes else _read_into_bytearray(f, st.st_size)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise TierUnavailable(f"cannot read {path}: {exc}") from exc
-    return _FileRead(data, (st.st_dev, st.st_ino))
-
-
-def _read_into_bytearray(f: io.FileIO, size: int) -> bytearray:
-    buf = bytearray(size)
-    got = 0
-    with memoryview(buf) as view:
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                break  # shorter than fstat said: truncated in place; the checksum will say so
-            got += n
-    if got < size:
-        del buf[got:]
-    return buf
-
-
-def _scandir(path: str) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            return list(it)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _subdirs(path: str) -> list[os.DirEntry[str]]:
-    out = []
-    for item in _scandir(path):
-        try:
-            if item.is_dir(follow_symlinks=False):
-                out.append(item)
-        except FileNotFoundError:
-            continue
-    return out
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename or a new name in ``directory`` durable. Not possible on Windows (no O_DIRECTORY)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    """Remove a temp file we own or found stale; already gone is fine, other errors are logged, not raised."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        logger.warning("disk tier could not remove %s: %s", path, exc)
 
 
 __all__ = ["ENTRY_SUFFIX", "STALE_TMP_AGE_S", "TMP_SUFFIX", "DiskConfig", "DiskTier", "name_hash"]

@@ -9,7 +9,7 @@ import torch
 
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.errors import ConfigError
-from ragkv.kvstore.policy import make_policy
+from ragkv.kvstore.policy import fair_victims, make_policy
 from ragkv.kvstore.tiers.base import Tier, TierConfig, expiry_time
 
 
@@ -31,10 +31,12 @@ class MemoryTier(Tier):
         self._entries: dict[str, _Entry] = {}
         self._policy = make_policy(config.eviction)
         self._used = 0
+        self._sizes: dict[str, int] = {}  # key -> nbytes, for fair eviction between namespaces
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
         self._used -= entry.nbytes
+        del self._sizes[key]
         self._policy.remove(key)
 
     def _live_entry(self, key: str) -> _Entry | None:
@@ -66,17 +68,18 @@ class MemoryTier(Tier):
         nbytes = chunk.nbytes
         cap = self.config.capacity_bytes
         with self.stats.timed("put"), self._lock:
+            if key in self._entries:
+                self._drop(key)  # the old value goes whether or not the new one fits: never serve it again
             if cap is not None and nbytes > cap:
                 # Larger than the whole tier: not cached here (slower tiers still take it).
                 self.stats.add(evictions=1)
                 return
-            if key in self._entries:
-                self._drop(key)
             self._make_room(nbytes)
             if cap is not None and self._used + nbytes > cap:
                 self.stats.add(evictions=1)  # everything left is pinned: refuse rather than overflow
                 return
             self._entries[key] = _Entry(chunk, nbytes, expires_at)
+            self._sizes[key] = nbytes
             self._policy.insert(key)
             self._used += nbytes
             self.stats.add(puts=1, bytes_in=nbytes)
@@ -85,16 +88,18 @@ class MemoryTier(Tier):
         cap = self.config.capacity_bytes
         if cap is None or self._used + nbytes <= cap:
             return
-        for victim in self._policy.victims():
-            if self._used + nbytes <= cap:
-                break
-            if victim in self._pinned:
-                continue
+        for victim in fair_victims(self._policy, self._sizes, self._pinned, self._used + nbytes - cap):
             self._drop(victim)
             self.stats.add(evictions=1)
 
+    def namespace_usage(self, namespace: str) -> tuple[int, int]:
+        prefix = namespace + ":"
+        with self._lock:
+            used = sum(n for k, n in self._sizes.items() if k.startswith(prefix))
+            pinned = sum(self._sizes.get(k, 0) for k in self._pinned if k.startswith(prefix))
+        return used, pinned
+
     def expiry(self, key: str) -> float | None:
-        """When ``key`` expires (epoch seconds), for promotion into other tiers; None if never or absent."""
         with self._lock:
             entry = self._entries.get(key)
             return None if entry is None else entry.expires_at
@@ -125,6 +130,7 @@ class MemoryTier(Tier):
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._sizes.clear()
             self._used = 0
 
 

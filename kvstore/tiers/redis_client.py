@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 from urllib.parse import unquote
 
 from ragkv.kvstore.errors import ConfigError
+from ragkv.kvstore.tiers.base import TierConfig
 
 _log = logging.getLogger(__name__)
+
+
+REDIS_MAX_VALUE_BYTES = 512 * 2**20  # Redis' own limit for one string (proto-max-bulk-len)
+_KEY_PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:{}/")
+_SCHEMES = {"redis": (False, False), "rediss": (False, True), "redis+cluster": (True, False),
+            "rediss+cluster": (True, True)}  # scheme -> (cluster, tls)
 
 
 @dataclass(frozen=True)
@@ -26,10 +34,11 @@ class RedisAddress:
     db: int = 0
     username: str | None = None
     password: str | None = None
+    tls: bool = False
 
 
-_URL_FORMS = ("'redis://[user:password@]host:port/db' or "
-              "'redis+cluster://[user:password@]host:port[,host:port...]'")
+_URL_FORMS = ("'redis[s]://[user:password@]host:port/db' or "
+              "'redis[s]+cluster://[user:password@]host:port[,host:port...]'")
 
 
 def _host_port(text: str, url: str) -> tuple[str, int]:
@@ -49,9 +58,10 @@ def parse_redis_url(url: str) -> RedisAddress:
     if not isinstance(url, str):
         raise ConfigError(f"redis url must be a string: {_URL_FORMS}")
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("redis", "redis+cluster"):
-        raise ConfigError(f"unsupported redis url {redact_url(url)!r}; allowed schemes: 'redis', "
-                          f"'redis+cluster' ({_URL_FORMS})")
+    if not sep or scheme not in _SCHEMES:
+        raise ConfigError(f"unsupported redis url {redact_url(url)!r}; allowed schemes: {sorted(_SCHEMES)} "
+                          f"({_URL_FORMS})")
+    cluster, tls = _SCHEMES[scheme]
     netloc, _, path = rest.partition("/")
     if "?" in path or "#" in path or "?" in netloc:
         raise ConfigError(f"redis url {redact_url(url)!r} takes no query; set RedisConfig fields instead")
@@ -68,14 +78,14 @@ def parse_redis_url(url: str) -> RedisAddress:
     if db_text and not db_text.isdigit():
         raise ConfigError(f"redis url {redact_url(url)!r}: database must be a number, got {db_text!r}")
     db = int(db_text) if db_text else 0
-    if scheme == "redis+cluster":
+    if cluster:
         if db != 0:
             raise ConfigError(f"redis url {redact_url(url)!r}: a cluster has only database 0")
-        return RedisAddress(True, nodes, 0, username, password)
+        return RedisAddress(True, nodes, 0, username, password, tls)
     if len(nodes) != 1:
         raise ConfigError(f"redis url {redact_url(url)!r} names {len(nodes)} hosts; for a cluster use "
                           "'redis+cluster://host:port,host:port'")
-    return RedisAddress(False, nodes, db, username, password)
+    return RedisAddress(False, nodes, db, username, password, tls)
 
 
 def redact_url(url: str) -> str:
@@ -88,6 +98,81 @@ def redact_url(url: str) -> str:
     if not at or ":" not in userinfo:
         return url
     return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{hosts}{slash}{path}"
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _integer_in(value: object, low: int, high: int | None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
+
+
+@dataclass(frozen=True)
+class RedisConfig(TierConfig):
+    """Where the Redis tier lives and how impatient it is.
+
+    ``url``: ``redis://[user:password@]host:port/db`` for one server, or
+    ``redis+cluster://[user:password@]host:port[,host:port...]`` for a Redis Cluster (startup nodes);
+    ``rediss://`` and ``rediss+cluster://`` connect over TLS, verifying the server against ``tls_ca_file``
+    (else the system's CAs), with ``tls_cert_file``/``tls_key_file`` as the client certificate when the
+    server asks for one. ``user:password`` authenticates as an ACL user (or the default user's password).
+    ``breaker_failures`` consecutive failures open the circuit for ``breaker_backoff_base_s`` seconds,
+    doubling per failed trial up to ``breaker_backoff_cap_s``. Values larger than ``max_value_bytes`` are
+    not stored here (slower tiers may still take them). ``capacity_bytes`` is accepted for uniformity but
+    not enforced: Redis evicts by its own ``maxmemory`` policy.
+    """
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "ragkv:"
+    socket_timeout_s: float = 2.0
+    connect_timeout_s: float = 0.5
+    default_ttl_s: float | None = None
+    breaker_failures: int = 3
+    breaker_backoff_base_s: float = 0.5
+    breaker_backoff_cap_s: float = 30.0
+    max_value_bytes: int = REDIS_MAX_VALUE_BYTES
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_redis_url(self.url)  # raises ConfigError naming the accepted forms
+        if (not isinstance(self.key_prefix, str) or len(self.key_prefix) > 64
+                or not set(self.key_prefix) <= _KEY_PREFIX_CHARS):
+            # No glob characters: the prefix is used verbatim in SCAN MATCH patterns.
+            raise ConfigError(
+                f"key_prefix must be up to 64 characters of [A-Za-z0-9._:{{}}/-], got {self.key_prefix!r}"
+            )
+        for name in ("socket_timeout_s", "connect_timeout_s", "breaker_backoff_base_s"):
+            if not _positive_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
+        cap_s = self.breaker_backoff_cap_s
+        if not _positive_number(cap_s) or cap_s < self.breaker_backoff_base_s:
+            raise ConfigError(f"breaker_backoff_cap_s must be >= breaker_backoff_base_s "
+                              f"({self.breaker_backoff_base_s}), got {self.breaker_backoff_cap_s!r}")
+        if self.default_ttl_s is not None and not _positive_number(self.default_ttl_s):
+            raise ConfigError(f"default_ttl_s must be None (no expiry) or seconds > 0, "
+                              f"got {self.default_ttl_s!r}")
+        if not _integer_in(self.breaker_failures, 1, None):
+            raise ConfigError(f"breaker_failures must be an integer >= 1, got {self.breaker_failures!r}")
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not os.path.isfile(value)):
+                raise ConfigError(f"{name} must be the path of a readable file, got {value!r}")
+            if value is not None and not self.address.tls:
+                raise ConfigError(f"{name} needs a rediss:// or rediss+cluster:// url")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together")
+        if not _integer_in(self.max_value_bytes, 1, REDIS_MAX_VALUE_BYTES):
+            raise ConfigError(f"max_value_bytes must be an integer in [1, {REDIS_MAX_VALUE_BYTES}] "
+                              f"(Redis' limit for one string), got {self.max_value_bytes!r}")
+
+    @property
+    def address(self) -> RedisAddress:
+        return parse_redis_url(self.url)
 
 
 def import_redis() -> ModuleType:
@@ -105,7 +190,7 @@ def import_redis() -> ModuleType:
 
 
 @functools.cache
-def large_value_connection_class(redis: ModuleType) -> type:
+def large_value_connection_class(redis: ModuleType, tls: bool = False) -> type:
     """A redis-py ``Connection`` that parses with hiredis and packs commands with the pure-Python packer.
 
     Why: with hiredis installed redis-py also packs commands with ``hiredis.pack_command``, which copies
@@ -115,7 +200,7 @@ def large_value_connection_class(redis: ModuleType) -> type:
     is installed). ``_construct_command_packer`` is the hook redis-py itself uses to choose; a test
     inspects live connections so an upstream change cannot silently undo this.
     """
-    base: type = redis.connection.Connection
+    base: type = redis.connection.SSLConnection if tls else redis.connection.Connection
     serializer = getattr(redis.connection, "PythonRespSerializer", None)
     if serializer is None or not hasattr(base, "_construct_command_packer"):
         _log.info("this redis-py has no pluggable command packer; using its default")
@@ -130,20 +215,22 @@ def large_value_connection_class(redis: ModuleType) -> type:
     return LargeValueConnection
 
 
-def make_client(
-    redis: ModuleType, address: RedisAddress, socket_timeout_s: float, connect_timeout_s: float,
-) -> Any:
+def make_client(redis: ModuleType, config: RedisConfig) -> Any:
     """A ``redis.Redis`` or ``redis.cluster.RedisCluster`` for ``address``, using ``LargeValueConnection``.
 
     Nothing connects here for a single server; a RedisCluster connects to discover its slots.
     """
+    address = config.address
     common: dict[str, Any] = {
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": connect_timeout_s,
+        "socket_timeout": config.socket_timeout_s,
+        "socket_connect_timeout": config.connect_timeout_s,
         "username": address.username,
         "password": address.password,
-        "connection_class": large_value_connection_class(redis),
+        "connection_class": large_value_connection_class(redis, address.tls),
     }
+    if address.tls:
+        common.update(ssl_ca_certs=config.tls_ca_file, ssl_certfile=config.tls_cert_file,
+                      ssl_keyfile=config.tls_key_file, ssl_cert_reqs="required", ssl_check_hostname=True)
     if not address.cluster:
         host, port = address.nodes[0]
         # No retries inside redis-py: the tier's breaker decides when to try again, so a dead server costs
@@ -156,7 +243,7 @@ def make_client(
     (first_host, first_port), *others = address.nodes
     netloc = f"[{first_host}]:{first_port}" if ":" in first_host else f"{first_host}:{first_port}"
     return redis.cluster.RedisCluster(
-        url=f"redis://{netloc}/0",
+        url=f"{'rediss' if address.tls else 'redis'}://{netloc}/0",
         startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in others],
         # One immediate retry: after a failover or resharding redis-py refreshes its slot map first.
         retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1),

@@ -2,8 +2,8 @@
 
 Each entry is ONE Redis key, ``key_prefix + "<namespace>:<name>"``, holding the whole container blob, so a
 reader can never see a header from one write and a payload from another. Redis owns expiry (``SET ... PX``)
-and eviction (its own ``maxmemory-policy``): ``capacity_bytes`` is not enforced here, and ``pin`` is
-``PERSIST``.
+and eviction (its own ``maxmemory-policy``): ``capacity_bytes`` is not enforced here, and ``pin`` changes
+nothing in Redis (pin and TTL are independent; spare persistent keys with a ``volatile-*`` policy).
 
 A cache that is down must cost no more than a miss. Backend errors are translated at this boundary into
 ``TierUnavailable`` and then into the miss: ``get`` -> None, ``put`` -> dropped (counted in
@@ -18,21 +18,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ragkv.kvstore.chunk import ChunkKV, check_key, check_namespace
-from ragkv.kvstore.container import decode_entry, encode_entry, read_header, with_expiry
+from ragkv.kvstore.container import decode_entry, encode_entry, read_header, rewrite_header
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, TierUnavailable
 from ragkv.kvstore.policy import ExponentialBackoff
-from ragkv.kvstore.tiers.base import Tier, TierConfig, expiry_time, register_tier
+from ragkv.kvstore.tiers.base import Tier, expiry_time, register_tier
 from ragkv.kvstore.tiers.redis_breaker import CircuitBreaker
 from ragkv.kvstore.tiers.redis_client import (
-    RedisAddress,
+    RedisConfig,
     close_client,
     import_redis,
     make_client,
-    parse_redis_url,
     redact_url,
 )
 
@@ -40,72 +38,9 @@ _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REDIS_MAX_VALUE_BYTES = 512 * 2**20  # Redis' own limit for one string (proto-max-bulk-len)
-_KEY_PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:{}/")
 _BATCH_KEYS = 256  # commands per pipeline round trip
 _BATCH_BYTES = 64 * 2**20  # bytes of values per put pipeline, so put_many never buffers unbounded memory
 _SCAN_COUNT = 1000
-
-
-def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-def _integer_in(value: object, low: int, high: int | None) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
-            and (high is None or value <= high))
-
-
-@dataclass(frozen=True)
-class RedisConfig(TierConfig):
-    """Where the Redis tier lives and how impatient it is.
-
-    ``url``: ``redis://[user:password@]host:port/db`` for one server, or
-    ``redis+cluster://[user:password@]host:port[,host:port...]`` for a Redis Cluster (startup nodes).
-    ``breaker_failures`` consecutive failures open the circuit for ``breaker_backoff_base_s`` seconds,
-    doubling per failed trial up to ``breaker_backoff_cap_s``. Values larger than ``max_value_bytes`` are
-    not stored here (slower tiers may still take them). ``capacity_bytes`` is accepted for uniformity but
-    not enforced: Redis evicts by its own ``maxmemory`` policy.
-    """
-
-    url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "ragkv:"
-    socket_timeout_s: float = 2.0
-    connect_timeout_s: float = 0.5
-    default_ttl_s: float | None = None
-    breaker_failures: int = 3
-    breaker_backoff_base_s: float = 0.5
-    breaker_backoff_cap_s: float = 30.0
-    max_value_bytes: int = REDIS_MAX_VALUE_BYTES
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        parse_redis_url(self.url)  # raises ConfigError naming the accepted forms
-        if (not isinstance(self.key_prefix, str) or len(self.key_prefix) > 64
-                or not set(self.key_prefix) <= _KEY_PREFIX_CHARS):
-            # No glob characters: the prefix is used verbatim in SCAN MATCH patterns.
-            raise ConfigError(
-                f"key_prefix must be up to 64 characters of [A-Za-z0-9._:{{}}/-], got {self.key_prefix!r}"
-            )
-        for name in ("socket_timeout_s", "connect_timeout_s", "breaker_backoff_base_s"):
-            if not _positive_number(getattr(self, name)):
-                raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
-        cap_s = self.breaker_backoff_cap_s
-        if not _positive_number(cap_s) or cap_s < self.breaker_backoff_base_s:
-            raise ConfigError(f"breaker_backoff_cap_s must be >= breaker_backoff_base_s "
-                              f"({self.breaker_backoff_base_s}), got {self.breaker_backoff_cap_s!r}")
-        if self.default_ttl_s is not None and not _positive_number(self.default_ttl_s):
-            raise ConfigError(f"default_ttl_s must be None (no expiry) or seconds > 0, "
-                              f"got {self.default_ttl_s!r}")
-        if not _integer_in(self.breaker_failures, 1, None):
-            raise ConfigError(f"breaker_failures must be an integer >= 1, got {self.breaker_failures!r}")
-        if not _integer_in(self.max_value_bytes, 1, REDIS_MAX_VALUE_BYTES):
-            raise ConfigError(f"max_value_bytes must be an integer in [1, {REDIS_MAX_VALUE_BYTES}] "
-                              f"(Redis' limit for one string), got {self.max_value_bytes!r}")
-
-    @property
-    def address(self) -> RedisAddress:
-        return parse_redis_url(self.url)
 
 
 @register_tier
@@ -116,8 +51,7 @@ class RedisTier(Tier):
     (a key seen missing on read is forgotten). Redis-side expiry and eviction, and other writers, are not
     seen; ask Redis (``INFO memory``) for the truth. TTLs are Redis' (``PX``), set from ``ttl_s`` or
     ``default_ttl_s``; the blob header carries the same ``expires_at`` so it survives a move to another
-    tier, but here Redis alone decides expiry (a pinned key keeps serving although its header may still
-    name a time). Batched operations are pipelined (per node on a cluster; redis-py routes each command by
+    tier; here Redis decides expiry, pinned or not. Batched operations are pipelined (per node on a cluster; redis-py routes each command by
     slot).
     """
 
@@ -158,8 +92,7 @@ class RedisTier(Tier):
         pointed at a server that is down at start-up must still construct (and miss)."""
         with self._connect_lock:
             if self._client is None:
-                self._client = make_client(self._redis, self._address, self.config.socket_timeout_s,
-                                           self.config.connect_timeout_s)
+                self._client = make_client(self._redis, self.config)
             return self._client
 
     def _run(self, op: str, action: Callable[[Any], T]) -> T:
@@ -250,9 +183,7 @@ class RedisTier(Tier):
         with self._lock:
             self._used -= self._sizes.pop(key, 0)
 
-    def _ttl_for(self, key: str, ttl_s: float | None) -> float | None:
-        if key in self._pinned:
-            return None  # pinned entries never expire
+    def _ttl_for(self, ttl_s: float | None) -> float | None:
         return ttl_s if ttl_s is not None else self.config.default_ttl_s
 
     # -- reads -------------------------------------------------------------------------------------------
@@ -279,7 +210,7 @@ class RedisTier(Tier):
             self.stats.add(misses=1)
             return None
         try:
-            _, chunk = decode_entry(blob)
+            _, chunk = decode_entry(blob, self.limits, key)
         except CorruptEntry as exc:
             self._discard_corrupt(key, exc)
             return None
@@ -292,7 +223,7 @@ class RedisTier(Tier):
             self.stats.add(misses=1)
             return None
         try:
-            read_header(blob)  # framing, sizes, checksum and header; the next reader decodes the payload
+            read_header(blob, self.limits, key)  # framing, checksum, header; the next reader decodes the payload
         except CorruptEntry as exc:
             self._discard_corrupt(key, exc)
             return None
@@ -393,6 +324,7 @@ class RedisTier(Tier):
             if len(blob) > self.config.max_value_bytes:
                 _log.debug("redis tier: %r is %d bytes > max_value_bytes; not stored", key, len(blob))
                 self.stats.add(evictions=1)
+                self.delete(key)  # the old value must never be served after a newer write
             else:
                 fitting.append((key, blob, ttl_s))
 
@@ -410,8 +342,8 @@ class RedisTier(Tier):
                 self._remember(keys[i], sizes[i])
 
     def _encoded(self, key: str, chunk: ChunkKV, ttl_s: float | None) -> tuple[str, bytes, float | None]:
-        ttl = self._ttl_for(key, ttl_s)
-        return key, encode_entry(chunk, self.codec, expiry_time(ttl)), ttl
+        ttl = self._ttl_for(ttl_s)
+        return key, encode_entry(chunk, self.codec, expiry_time(ttl), key), ttl
 
     def put(self, key: str, chunk: ChunkKV, ttl_s: float | None = None) -> None:
         check_key(key)
@@ -426,22 +358,19 @@ class RedisTier(Tier):
         """Store a container blob as is. An invalid blob raises ``CorruptEntry``: that is the caller's bug,
         not a backend failure. Without ``ttl_s`` the blob keeps the expiry its header carries."""
         check_key(key)
-        header = read_header(blob)
-        now = time.time()
-        if key in self._pinned:
-            ttl, expires_at = None, None
-        elif ttl_s is not None:
-            expires_at = expiry_time(ttl_s)
-            ttl = ttl_s
+        header = read_header(blob, self.limits, key)
+        if ttl_s is not None:
+            ttl, expires_at = ttl_s, expiry_time(ttl_s)
         elif header.expires_at is not None:
-            ttl, expires_at = header.expires_at - now, header.expires_at
+            ttl, expires_at = header.expires_at - time.time(), header.expires_at
             if ttl <= 0:
                 self.stats.add(expired=1)
+                self.delete(key)  # already dead: the old value must not stay either
                 return
         else:
             ttl = self.config.default_ttl_s
             expires_at = expiry_time(ttl)
-        data = bytes(blob) if header.expires_at == expires_at else with_expiry(blob, expires_at)
+        data = rewrite_header(blob, expires_at=expires_at, limits=self.limits, key=key)
         with self.stats.timed("put"):
             self._store_many([(key, data, ttl)])
 
@@ -469,17 +398,6 @@ class RedisTier(Tier):
             removed += sum(int(n) for n in replies or [])
         self.stats.add(deletes=removed)
         return removed
-
-    def pin(self, key: str) -> None:
-        """Pinned entries never expire: ``PERSIST`` now, and later puts of the key carry no TTL. (Redis'
-        own maxmemory eviction can still remove it; use a ``volatile-*`` policy to spare persistent keys.)"""
-        super().pin(key)
-        rkey = self._rkey(key)
-        try:
-            self._run("pin", lambda client: client.persist(rkey))
-        except TierUnavailable as exc:
-            _log.debug("%s", exc)
-            self.stats.add(errors=1)
 
     # -- misc --------------------------------------------------------------------------------------------
     def used_bytes(self) -> int:

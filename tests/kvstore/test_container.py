@@ -11,7 +11,7 @@ import torch
 
 from ragkv.codecs import get_codec
 from ragkv.kvstore import ChunkKV, ChunkMeta, CorruptEntry, decode_entry, encode_entry, read_header
-from ragkv.kvstore.container import MAGIC, decode_entry_layers, with_expiry
+from ragkv.kvstore.container import MAGIC, read_entry, rewrite_header
 
 
 def chunk(tokens: int = 12, dtype: torch.dtype = torch.float16) -> ChunkKV:
@@ -35,7 +35,8 @@ def test_round_trip_and_header() -> None:
     assert back.equals(c)
     assert header.codec == "raw" and header.shape == tuple(c.kv.shape) and header.expires_at == 123.5
     assert read_header(blob).meta == c.meta
-    _, layers = decode_entry_layers(blob, [2, 0])
+    header, payload = read_entry(blob)
+    layers = get_codec("raw").decode_layers(payload, header.shape, torch.float16, [2, 0])
     assert torch.equal(layers, c.kv[[2, 0]])
 
 
@@ -105,13 +106,19 @@ def test_newer_version_is_refused() -> None:
         decode_entry(bytes(blob))
 
 
-def test_with_expiry_rewrites_header_only() -> None:
+def test_rewrite_header_changes_expiry_and_binds_a_key() -> None:
     c = chunk()
     blob = encode_entry(c, get_codec("raw"))
-    later = with_expiry(blob, 99.0)
+    later = rewrite_header(blob, expires_at=99.0)
     header, back = decode_entry(later)
-    assert header.expires_at == 99.0 and back.equals(c)
-    assert decode_entry(with_expiry(later, None))[0].expires_at is None
+    assert header.expires_at == 99.0 and back.equals(c) and header.key is None
+    assert decode_entry(rewrite_header(later, expires_at=None))[0].expires_at is None
+    bound = rewrite_header(blob, expires_at=None, key="ns:a")
+    assert decode_entry(bound, key="ns:a")[0].key == "ns:a"
+    with pytest.raises(CorruptEntry, match="written under key"):
+        decode_entry(bound, key="ns:b")
+    with pytest.raises(CorruptEntry, match="written under key"):
+        rewrite_header(bound, expires_at=None, key="other:a")
 
 
 def test_nothing_on_the_read_path_unpickles() -> None:

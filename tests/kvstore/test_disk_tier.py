@@ -34,7 +34,7 @@ def key(i: int, namespace: str = "ns") -> str:
 
 
 def entry_size(chunk: ChunkKV, tier: DiskTier) -> int:
-    return len(encode_entry(chunk, tier.codec))
+    return len(encode_entry(chunk, tier.codec, key=key(0)))  # every key(i) has the same length
 
 
 def open_tier(path: Path, **kwargs: object) -> DiskTier:
@@ -96,7 +96,7 @@ def test_file_layout_is_the_container_blob(tmp_path: Path) -> None:
     h = name_hash("not.hex_name")
     path = tmp_path / "tenant-a" / h[0:2] / h[2:4] / "not.hex_name.kv"
     assert Path(tier.path_for("tenant-a:not.hex_name")) == path and path.is_file()
-    assert path.read_bytes() == tier.get_blob("tenant-a:not.hex_name") == encode_entry(chunk, tier.codec)
+    assert path.read_bytes() == tier.get_blob("tenant-a:not.hex_name") == encode_entry(chunk, tier.codec, key="tenant-a:not.hex_name")
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["not.hex_name.kv"]  # no temp file left
 
 
@@ -329,8 +329,11 @@ def test_get_blob_put_blob(tmp_path: Path) -> None:
     assert got is not None and got.equals(chunk)
     assert src.get_blob(key(6)) is None
 
-    dst.put_blob(key(8), blob, ttl_s=60)
-    stored = dst.get_blob(key(8))
+    with pytest.raises(CorruptEntry, match="written under key"):
+        dst.put_blob(key(8), blob)  # a blob is bound to the key it was written under
+    assert dst.get(key(8)) is None
+    dst.put_blob(key(5), blob, ttl_s=60)
+    stored = dst.get_blob(key(5))
     assert stored is not None and read_header(stored).expires_at is not None
     assert read_header(stored).expires_at > time.time() + 50  # type: ignore[operator]
 
