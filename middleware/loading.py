@@ -112,6 +112,7 @@ class _Pending:
     codec: Any = None
     shape: tuple[int, ...] = ()
     dtype: torch.dtype | None = None
+    expires_at: float | None = None
 
 
 class ChunkLoader:
@@ -230,7 +231,7 @@ class ChunkLoader:
             problem = problem or "entry vanished"
         else:
             try:
-                header, payload = read_entry(blob)
+                header, payload = read_entry(blob, p.tier.limits, c.key)
             except CorruptEntry as exc:
                 p.tier.delete(c.key)
                 header, problem = None, f"corrupt entry: {exc}"
@@ -241,6 +242,7 @@ class ChunkLoader:
                     try:
                         p.codec = get_codec(header.codec, header.params)
                         p.payload, p.shape, p.dtype = payload, header.shape, dtype_from_name(header.dtype)
+                        p.expires_at = header.expires_at
                         c.meta, c.codec, c.nbytes = header.meta, header.codec, len(blob)
                     except CodecError as exc:
                         problem = f"codec: {exc}"
@@ -289,9 +291,9 @@ class ChunkLoader:
                     c._ready[layer].set()
         if self.promote:
             for p in pending:
-                self._promote(p.chunk)
+                self._promote(p.chunk, p.expires_at)
 
-    def _promote(self, chunk: LoadedChunk) -> None:
+    def _promote(self, chunk: LoadedChunk, expires_at: float | None) -> None:
         """After a load from a slow tier, put the decoded chunk into the faster decoded tiers."""
         tiers = self._tiers()
         if chunk._error is not None or len(tiers) < 2:
@@ -299,16 +301,20 @@ class ChunkLoader:
         kv = torch.stack([t for t in chunk._layers if t is not None])  # [L, 2, H, T, D]
         promote = getattr(self.store, "promote", None)
         if promote is not None:  # a TieredStore: it promotes and counts
-            promote(chunk.key, ChunkKV(kv, chunk.meta), chunk.tier)
+            promote(chunk.key, ChunkKV(kv, chunk.meta), chunk.tier, expires_at)
             return
         for name, tier in tiers:
             if name == chunk.tier:
                 break
             if not tier.holds_encoded:
                 try:
-                    tier.put(chunk.key, ChunkKV(kv, chunk.meta))
+                    tier.put(chunk.key, ChunkKV(kv, chunk.meta), ttl_s=_remaining(expires_at))
                 except TierUnavailable:
                     continue
+
+
+def _remaining(expires_at: float | None) -> float | None:
+    return None if expires_at is None else max(expires_at - time.time(), 1e-3)
 
 
 def _dtype_name(t: torch.Tensor) -> str:
