@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -185,6 +185,3 @@ def get_codec(name: str, params: CodecParams | dict[str, Any] | None = None) -> 
         except TypeError as exc:
             raise CodecError(f"invalid parameters for codec {name!r}: {exc}") from exc
     return cls(params)
-
-
-CodecFactory = Callable[..., Codec]

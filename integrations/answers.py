@@ -39,7 +39,7 @@ class Document:
             raise ConfigError("a document has exactly one of text or key")
 
 
-MIN_SAMPLING_TEMPERATURE = 0.01
+GREEDY_BELOW_TEMPERATURE = 0.01  # the doors treat lower temperatures as greedy decoding
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class GenerationOptions:
     def to_config(self) -> Any:
         from ragkv.middleware.generation import GenerationConfig
 
-        sample = self.temperature is not None and self.temperature >= MIN_SAMPLING_TEMPERATURE
+        sample = self.temperature is not None and self.temperature >= GREEDY_BELOW_TEMPERATURE
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=sample,
                                 temperature=self.temperature if sample else 1.0,  # type: ignore[arg-type]
                                 top_k=self.top_k if sample else None, top_p=self.top_p if sample else None,

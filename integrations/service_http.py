@@ -29,7 +29,6 @@ TENANT_SCOPE_KEY = "ragkv.tenant"
 CHUNKS_PREFIX = "/v1/chunks/"
 OCTET_STREAM = "application/octet-stream"
 JSON = "application/json"
-PUBLIC_PATHS = ("/", "/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,22 @@
 """API keys mapped to tenants, and what each tenant may do with which namespace.
 
 Isolation rule, enforced here and nowhere else: a tenant reads and writes its own namespace and reads the
-shared one (``"shared"``); it writes to the shared namespace only with ``publish`` and deletes from it only
-with ``admin``. Any other namespace is refused whatever key is sent, before the store is touched, so a
-refusal says nothing about whether the chunk exists.
+shared one (``"shared"``). Roles, all off unless the keys file grants them:
+
+- ``publish``: the server may compute chunks from this tenant's texts into ``shared`` (``warm`` or
+  ``generate`` with ``"shared": true``). An entry already in ``shared`` is never replaced that way;
+- ``admin``: binary ``PUT`` into ``shared`` (replacing entries) and ``DELETE`` there;
+- ``pin``: ask for chunks to be pinned (never evicted for space), within ``pinned_quota_bytes``.
+
+``quota_bytes`` bounds what the tenant's namespace may hold (the largest count over the store's tiers);
+writes past it are refused with 413. Any other namespace is refused whatever key is sent, before the store
+is touched, so a refusal says nothing about whether the chunk exists.
 
 Keys file (JSON or TOML), keys in clear or as SHA-256 hex digests (so the file need not hold secrets)::
 
     {"tenants": [
-      {"name": "acme", "keys": ["sk-acme-1"], "publish": true},
-      {"name": "globex", "key_sha256": ["9f86d0..."], "namespace": "globex-prod", "admin": true}
+      {"name": "acme", "keys": ["sk-acme-1"], "publish": true, "quota_bytes": 2000000000},
+      {"name": "globex", "key_sha256": ["9f86d0..."], "namespace": "globex-prod", "admin": true, "pin": true}
     ]}
 
 Without a keys file the service runs open, as one tenant ``default`` (namespace ``default``): meant for a
@@ -25,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragkv.kvstore import SHARED_NAMESPACE, ConfigError, check_key, key_namespace
+from ragkv.kvstore import SHARED_NAMESPACE, ConfigError, key_namespace
 from ragkv.kvstore.chunk import check_namespace
+from ragkv.kvstore.tiers.base import parse_size
 
 OPEN_TENANT = "default"
 MAX_KEY_LENGTH = 512
@@ -36,18 +44,26 @@ MAX_KEY_LENGTH = 512
 class Tenant:
     name: str
     namespace: str
-    publish: bool = True  # may write chunks to the shared namespace
-    admin: bool = False  # may delete chunks from the shared namespace
+    publish: bool = False  # the server may compute chunks from this tenant's texts into the shared namespace
+    admin: bool = False  # may PUT blobs into and delete chunks from the shared namespace
+    pin: bool = False  # may pin chunks
+    quota_bytes: int | None = None  # None: unbounded
+    pinned_quota_bytes: int | None = None  # None: unbounded (with the pin role)
 
     def readable(self) -> frozenset[str]:
         return frozenset({self.namespace, SHARED_NAMESPACE})
+
+    def lookup_order(self) -> tuple[str, ...]:
+        """Where chunks are looked up, in order: the tenant's own namespace, then the shared one."""
+        return (self.namespace, SHARED_NAMESPACE)
 
     def can_read(self, key: str) -> bool:
         return key_namespace(key) in self.readable()
 
     def can_write(self, key: str) -> bool:
+        """Binary PUT of a blob: own namespace, or the shared one as an admin."""
         ns = key_namespace(key)
-        return ns == self.namespace or (ns == SHARED_NAMESPACE and self.publish)
+        return ns == self.namespace or (ns == SHARED_NAMESPACE and self.admin)
 
     def can_delete(self, key: str) -> bool:
         ns = key_namespace(key)
@@ -72,7 +88,7 @@ class TenantRegistry:
     def __init__(self, tenants_by_digest: Mapping[str, Tenant] | None = None) -> None:
         self._by_digest = dict(tenants_by_digest or {})
         self.open = tenants_by_digest is None
-        self._open_tenant = Tenant(OPEN_TENANT, OPEN_TENANT, publish=True, admin=True)
+        self._open_tenant = Tenant(OPEN_TENANT, OPEN_TENANT, publish=True, admin=True, pin=True)
 
     @classmethod
     def open_access(cls) -> TenantRegistry:
@@ -106,7 +122,8 @@ class TenantRegistry:
         for entry in data["tenants"]:
             if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
                 raise ConfigError(f"every tenant needs a name, got {entry!r}")
-            allowed = {"name", "namespace", "keys", "key_sha256", "publish", "admin"}
+            allowed = {"name", "namespace", "keys", "key_sha256", "publish", "admin", "pin", "quota_bytes",
+                       "pinned_quota_bytes"}
             extra = sorted(set(entry) - allowed)
             if extra:
                 raise ConfigError(f"unknown tenant fields {extra}; allowed: {sorted(allowed)}")
@@ -117,8 +134,9 @@ class TenantRegistry:
                 raise ConfigError(f"tenants {namespaces[namespace]!r} and {entry['name']!r} share namespace "
                                   f"{namespace!r}; every tenant needs its own")
             namespaces[namespace] = entry["name"]
-            tenant = Tenant(entry["name"], namespace, publish=bool(entry.get("publish", True)),
-                            admin=bool(entry.get("admin", False)))
+            tenant = Tenant(entry["name"], namespace, publish=_flag(entry, "publish"), admin=_flag(entry, "admin"),
+                            pin=_flag(entry, "pin"), quota_bytes=_size(entry, "quota_bytes"),
+                            pinned_quota_bytes=_size(entry, "pinned_quota_bytes"))
             digests = [_digest(k) for k in _strings(entry, "keys")]
             for d in _strings(entry, "key_sha256"):
                 if len(d) != 64 or any(c not in "0123456789abcdef" for c in d.lower()):
@@ -156,9 +174,23 @@ def _strings(entry: Mapping[str, Any], name: str) -> list[str]:
     return list(value)
 
 
-def parse_key(key: str) -> str:
-    """Validate a store key from a request (``ConfigError`` -> HTTP 422)."""
-    return check_key(key)
+def _flag(entry: Mapping[str, Any], name: str) -> bool:
+    value = entry.get(name, False)
+    if type(value) is not bool:
+        raise ConfigError(f"tenant field {name!r} must be true or false, got {value!r}")
+    return value
 
 
-__all__ = ["OPEN_TENANT", "Tenant", "TenantRegistry", "parse_key"]
+def _size(entry: Mapping[str, Any], name: str) -> int | None:
+    value = entry.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"tenant field {name!r} must be a size, got {value!r}")
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise ConfigError(f"tenant field {name!r}: {exc}") from None
+
+
+__all__ = ["OPEN_TENANT", "Tenant", "TenantRegistry"]

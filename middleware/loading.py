@@ -81,15 +81,6 @@ class LoadedChunk:
             return self._full[layer]  # type: ignore[index]
         return self._layers[layer]  # type: ignore[return-value]
 
-    def full(self) -> torch.Tensor:
-        """[L, 2, H, T, D], waiting for every layer."""
-        if self._full is None:
-            layers = [self.layer(i) for i in range(len(self._ready))]
-            if self._full is None:
-                self._full = torch.stack(layers)
-                self._layers = []
-        return self._full
-
     def _fallback(self) -> None:
         """A blob that could not be used after all (unreadable, invalid, or failing to decode mid-way):
         compute the chunk from its tokens instead."""

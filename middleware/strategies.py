@@ -13,7 +13,6 @@ A registry maps names to classes; every class takes the engine and one frozen co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -202,7 +201,6 @@ class ReuseStrategy(CachedChunksStrategy):
         return self._finish(prompt, out, infos, prefix_hit, feed, timings)
 
 
-StrategyFactory = Callable[["ContextEngine", Any], Strategy]
 
 __all__ = [
     "CachedChunksStrategy",
