@@ -23,6 +23,10 @@ class Forbidden(RagKVError):
     """The caller may not touch that namespace (HTTP 403)."""
 
 
+class QuotaExceeded(RagKVError):
+    """A write would put a tenant over its byte or pinned-byte quota (HTTP 413)."""
+
+
 class NotFound(RagKVError):
     """A referenced chunk key is not in the store (HTTP 404)."""
 
@@ -71,8 +75,10 @@ class AnswerRequest:
     documents: Sequence[Document] = ()
     system: str | None = None
     history: tuple[ChatTurn, ...] = ()  # earlier chat turns, in order (the query is the last user turn)
-    namespace: str = "default"  # where chunks are looked up and where misses are stored
+    namespace: str = "default"  # where misses are stored
     readable_namespaces: frozenset[str] = frozenset()  # namespaces a document key may come from
+    lookup_namespaces: tuple[str, ...] = ()  # where chunks are looked up, in order (empty: ``namespace``)
+    store_misses: bool = True  # False: chunks computed for this answer are not stored (e.g. over quota)
     strategy: str | None = None  # None: the engine's default (blend)
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
     generation: GenerationOptions = GenerationOptions()
@@ -166,6 +172,7 @@ __all__ = [
     "GenerationOptions",
     "NotFound",
     "Overloaded",
+    "QuotaExceeded",
     "TokenCallback",
     "answer_from",
     "readable_namespaces",

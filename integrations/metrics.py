@@ -17,6 +17,8 @@ from typing import Any
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RECENT_TTFTS = 120
 _METHODS = {"GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"}
+TENANT_COUNTERS = ("answers", "documents", "document_hits", "chunks_computed", "chunk_bytes_received",
+                   "chunk_bytes_sent")
 
 
 class Histogram:
@@ -78,6 +80,13 @@ class Metrics:
         self.answers = 0
         self.warmed = {"computed": 0, "already_cached": 0}
         self.recent: deque[TtftSample] = deque(maxlen=RECENT_TTFTS)
+        # per tenant (bounded by the keys file): answers, document hits, chunks warmed, chunk bytes
+        self.tenants: dict[str, dict[str, int]] = {}
+
+    def _tenant(self, name: str | None) -> dict[str, int] | None:
+        if name is None:
+            return None
+        return self.tenants.setdefault(name, dict.fromkeys(TENANT_COUNTERS, 0))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in _METHODS else "OTHER"
@@ -86,24 +95,43 @@ class Metrics:
             self.requests[key] = self.requests.get(key, 0) + 1
             self.durations.setdefault(route, Histogram()).observe(seconds)
 
-    def observe_answer(self, ttft_s: float, strategy: str, hits: Sequence[bool], tiers: Sequence[str | None]) -> None:
+    def observe_answer(self, ttft_s: float, strategy: str, hits: Sequence[bool], tiers: Sequence[str | None],
+                       tenant: str | None = None) -> None:
         state = cache_state(hits)
         with self._lock:
             self.answers += 1
+            per = self._tenant(tenant)
+            if per is not None:
+                per["answers"] += 1
+                per["document_hits"] += sum(1 for h in hits if h)
+                per["documents"] += len(hits)
             self.ttft.setdefault(state, Histogram()).observe(ttft_s)
             for hit, tier in zip(hits, tiers):
                 key = ("hit" if hit else "miss", (tier or "none") if hit else "none")
                 self.documents[key] = self.documents.get(key, 0) + 1
             self.recent.append(TtftSample(time.time(), ttft_s * 1e3, state, strategy, len(hits)))
 
-    def observe_warm(self, computed: int, already_cached: int) -> None:
+    def observe_warm(self, computed: int, already_cached: int, tenant: str | None = None) -> None:
         with self._lock:
             self.warmed["computed"] += computed
             self.warmed["already_cached"] += already_cached
+            per = self._tenant(tenant)
+            if per is not None:
+                per["chunks_computed"] += computed
 
-    def add_chunk_bytes(self, direction: str, n: int) -> None:
+    def add_chunk_bytes(self, direction: str, n: int, tenant: str | None = None) -> None:
         with self._lock:
             self.chunk_bytes[direction] += n
+            per = self._tenant(tenant)
+            if per is not None:
+                per[f"chunk_bytes_{direction}"] += n
+
+    def tenant_snapshot(self, name: str | None) -> dict[str, dict[str, int]]:
+        """Counters of tenant ``name`` (or of every tenant for None), by tenant name."""
+        with self._lock:
+            if name is not None:
+                return {name: dict(self.tenants.get(name, dict.fromkeys(TENANT_COUNTERS, 0)))}
+            return {n: dict(c) for n, c in self.tenants.items()}
 
     # -- views --------------------------------------------------------------------------------------------------
     def recent_ttfts(self) -> list[TtftSample]:

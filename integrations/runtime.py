@@ -52,6 +52,8 @@ class RagRuntime:
         self.max_chunk_tokens = max_chunk_tokens
         positions = getattr(self.adapter.config, "max_position_embeddings", None)
         self.max_context_tokens = max_context_tokens or int(positions or 16384)
+        # No blob may claim more KV than the largest chunk this model makes (decompression bombs).
+        store.limit_entries(self.chunk_bytes(max_chunk_tokens) // self.adapter.dtype.itemsize)
         self._model_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._waiting = 0
@@ -90,6 +92,30 @@ class RagRuntime:
     # -- warming -------------------------------------------------------------------------------------------------
     def chunk_tokens(self, text: str) -> list[int]:
         return self.engine.cacher.tokens(text)
+
+    def chunk_bytes(self, tokens: int) -> int:
+        """Bytes of decoded KV for a chunk of ``tokens`` tokens with this model."""
+        a = self.adapter
+        return a.num_layers * 2 * a.num_kv_heads * tokens * a.head_dim * a.dtype.itemsize
+
+    def check_blob(self, key: str, header: Any) -> None:
+        """A blob offered for ``key`` must be what this server would store there: this model's fingerprint,
+        dtype and geometry, a chunk of at most ``max_chunk_tokens`` cached at position 1, and ``key`` the
+        content hash of its metadata. ``ConfigError`` naming the first mismatch."""
+        a, meta = self.adapter, header.meta
+        if meta.fingerprint != str(a.fingerprint):
+            raise ConfigError("the blob was computed by another model than the one this server runs")
+        tokens = len(meta.token_ids)
+        if not 1 <= tokens <= self.max_chunk_tokens:
+            raise ConfigError(f"the blob holds {tokens} tokens; the limit is {self.max_chunk_tokens}")
+        expected = (a.num_layers, 2, a.num_kv_heads, tokens, a.head_dim)
+        if tuple(header.shape) != expected or header.dtype != a.dtype_name:
+            raise ConfigError(f"the blob's KV is {tuple(header.shape)} {header.dtype}; this model makes "
+                              f"{expected} {a.dtype_name}")
+        if meta.position != 1 or not meta.rope:
+            raise ConfigError("the blob's KV was not computed at position 1 with rotary embedding applied")
+        if self.engine.cacher.key(list(meta.token_ids), key_namespace(key)) != key:
+            raise ConfigError(f"{key} is not the content key of the blob's token ids in its namespace")
 
     def key_for(self, text: str, namespace: str) -> str:
         """The store key a chunk text gets in ``namespace`` (content hash; no model work)."""
@@ -152,7 +178,8 @@ class RagRuntime:
         strategy = self.strategy(request.strategy, request.strategy_params)
         generation = request.generation.to_config()
         prepare = PrepareRequest(query=parts.closing, chunks=chunks, system=parts.opening,
-                                 namespace=request.namespace)
+                                 namespace=request.namespace, lookup_namespaces=request.lookup_namespaces,
+                                 store_misses=request.store_misses)
         return CheckedRequest(prepare, strategy, generation, bool(request.strategy_params))
 
     def run(self, checked: CheckedRequest, on_token: TokenCallback | None = None) -> Answer:

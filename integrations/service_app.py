@@ -23,6 +23,7 @@ from typing import Annotated, Any
 try:
     import anyio
     from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from fastapi.security import APIKeyHeader, HTTPBearer
 except ImportError as exc:  # pragma: no cover - part of every dev install
@@ -37,6 +38,7 @@ from ragkv.integrations.answers import (
     GenerationOptions,
     NotFound,
     Overloaded,
+    QuotaExceeded,
 )
 from ragkv.integrations.metrics import Metrics
 from ragkv.integrations.runtime import RagRuntime
@@ -59,7 +61,7 @@ from ragkv.integrations.service_models import (
     WarmResponse,
 )
 from ragkv.integrations.status_page import render_status_page
-from ragkv.integrations.tenants import Tenant, TenantRegistry
+from ragkv.integrations.tenants import QuotaCheck, Tenant, TenantRegistry
 from ragkv.kvstore import (
     ConfigError,
     CorruptEntry,
@@ -67,6 +69,7 @@ from ragkv.kvstore import (
     RagKVError,
     TierUnavailable,
     check_key,
+    key_namespace,
     read_header,
 )
 from ragkv.middleware.prompt_template import ChatTurn
@@ -92,7 +95,7 @@ class ServiceState:
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {401: "Missing or invalid API key", 403: "Namespace not accessible with this API key",
-            404: "Chunk not found", 413: "Request body too large", 415: "Wrong content type",
+            404: "Chunk not found", 413: "Request body too large, or over the tenant's quota", 415: "Wrong content type",
             422: "Malformed key, body or parameters", 429: "Model busy: too many requests waiting"}
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
@@ -126,6 +129,11 @@ def _check_text(text: str, what: str, limit: int) -> str:
     return text
 
 
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8 (lone surrogates escaped), so an error message can always be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _key(key: str) -> str:
     try:
         return check_key(key)
@@ -141,18 +149,28 @@ def create_app(state: ServiceState) -> FastAPI:
                               "reuses cached chunk KV (CacheBlend). Authenticate with 'Authorization: Bearer "
                               "<key>' or 'X-API-Key'.")
     upload_slots = asyncio.Semaphore(state.upload_slots)
+    quotas = QuotaCheck(runtime.store)
     started = int(time.time())
 
     # -- errors -------------------------------------------------------------------------------------------------
     def handler(status: int, headers: dict[str, str] | None = None) -> Callable[..., Any]:
         async def handle(_request: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+            return JSONResponse({"detail": _printable(str(exc))}, status_code=status, headers=headers)
         return handle
 
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each problem by location and message, never echoing the input: an input holding NaN
+        or a lone surrogate could not be rendered, and the handler itself must not fail."""
+        errors = [{"loc": [str(part) for part in e.get("loc", ())], "msg": _printable(str(e.get("msg", ""))),
+                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Overloaded, handler(429, {"Retry-After": "1"}))
     app.add_exception_handler(Forbidden, handler(403))
     app.add_exception_handler(PermissionError, handler(403))
     app.add_exception_handler(NotFound, handler(404))
+    app.add_exception_handler(QuotaExceeded, handler(413))
     app.add_exception_handler(ConfigError, handler(422))  # includes ContextTooLong and UnsupportedModel
     app.add_exception_handler(CorruptEntry, handler(422))
     app.add_exception_handler(ModelMismatch, handler(422))
@@ -169,17 +187,22 @@ def create_app(state: ServiceState) -> FastAPI:
                         ttl_s: Annotated[float | None, Query(gt=0, le=10 * 365 * 86400)] = None) -> ChunkPutResponse:
         key = _key(key)
         if not tenant.can_write(key):
-            raise Forbidden(f"namespace of {key} is not writable with this API key")
+            raise Forbidden(f"namespace of {key} is not writable with this API key (blobs go into 'shared' only "
+                            "with the admin role; publish shared chunks from text with /v1/warm)")
         async with upload_slots:
             blob = await request.body()
 
             def store() -> Any:
-                header = read_header(blob)  # validated (checksum too: CorruptEntry -> 422) before it is stored
+                # checksum, header and limits first (CorruptEntry -> 422), then what this server would store
+                # under this key; the blob is stored as it is, never decoded on the way in.
+                header = read_header(blob, runtime.store.limits, key)
+                runtime.check_blob(key, header)
+                quotas.check_write(tenant, key_namespace(key), len(blob))
                 runtime.store.put_blob(key, blob, ttl_s=ttl_s)
                 return header
 
             header = await anyio.to_thread.run_sync(store)  # checksums of large blobs stay off the event loop
-        metrics.add_chunk_bytes("received", len(blob))
+        metrics.add_chunk_bytes("received", len(blob), tenant.name)
         return ChunkPutResponse(key=key, bytes=len(blob), tokens=len(header.meta.token_ids), codec=header.codec)
 
     def _readable(tenant: Tenant, key: str) -> str:
@@ -197,7 +220,7 @@ def create_app(state: ServiceState) -> FastAPI:
         blob = await anyio.to_thread.run_sync(runtime.store.get_blob, key)
         if blob is None:
             raise NotFound(f"chunk {key} is not in the store")
-        metrics.add_chunk_bytes("sent", len(blob))
+        metrics.add_chunk_bytes("sent", len(blob), tenant.name)
 
         async def body() -> AsyncIterator[bytes]:
             if len(blob) <= DOWNLOAD_SLICE:
@@ -255,9 +278,16 @@ def create_app(state: ServiceState) -> FastAPI:
             raise ConfigError(f"{len(body.texts)} texts; the limit is {limits.max_warm_texts}")
         texts = [_check_text(t, f"text {i}", limits.max_text_chars) for i, t in enumerate(body.texts)]
         namespace = tenant.write_namespace(body.shared)
-        report = await anyio.to_thread.run_sync(
-            lambda: runtime.warm(texts, namespace, ttl_s=body.ttl_s, pin=body.pin))
-        metrics.observe_warm(report.computed, report.already_cached)
+        if body.pin and not tenant.pin:
+            raise Forbidden(f"tenant {tenant.name!r} may not pin chunks (the pin role)")
+
+        def run() -> Any:
+            tokens = sum(len(runtime.chunk_tokens(t)) for t in texts)
+            quotas.check_write(tenant, namespace, runtime.chunk_bytes(tokens), pin=body.pin)
+            return runtime.warm(texts, namespace, ttl_s=body.ttl_s, pin=body.pin)
+
+        report = await anyio.to_thread.run_sync(run)
+        metrics.observe_warm(report.computed, report.already_cached, tenant.name)
         return WarmResponse(keys=report.keys, namespace=namespace, computed=report.computed,
                             already_cached=report.already_cached, seconds=report.seconds)
 
@@ -285,15 +315,16 @@ def create_app(state: ServiceState) -> FastAPI:
                        generation: GenerationOptions, history: tuple[ChatTurn, ...] = ()) -> AnswerRequest:
         for turn in history:
             _check_text(turn.content, f"a {turn.role} message", limits.max_text_chars)
+        namespace = tenant.write_namespace(body.shared)
         return AnswerRequest(query=_check_text(query, "the query", limits.max_text_chars), history=history,
                              documents=docs, system=_check_text(system, "the system text", limits.max_text_chars)
-                             if system else None, namespace=tenant.write_namespace(body.shared),
-                             readable_namespaces=tenant.readable(), strategy=body.strategy,
-                             strategy_params=body.strategy_params, generation=generation)
+                             if system else None, namespace=namespace, readable_namespaces=tenant.readable(),
+                             lookup_namespaces=tenant.lookup_order(), store_misses=quotas.has_room(tenant, namespace),
+                             strategy=body.strategy, strategy_params=body.strategy_params, generation=generation)
 
-    def record(answer: Answer) -> None:
+    def record(answer: Answer, tenant: Tenant) -> None:
         metrics.observe_answer(answer.ttft_s, answer.strategy, [d.hit for d in answer.documents],
-                               [d.tier for d in answer.documents])
+                               [d.tier for d in answer.documents], tenant.name)
 
     def outcome(answer: Answer) -> dict[str, Any]:
         d = answer.to_dict()
@@ -306,7 +337,7 @@ def create_app(state: ServiceState) -> FastAPI:
             raise Overloaded(f"{runtime.waiting} model requests are already waiting; retry later")
         return await anyio.to_thread.run_sync(runtime.check, request)
 
-    async def stream_answer(check: Any, on_done: Callable[[Answer], list[bytes]],
+    async def stream_answer(check: Any, tenant: Tenant, on_done: Callable[[Answer], list[bytes]],
                             on_piece: Callable[[str], bytes], on_error: Callable[[str], list[bytes]]
                             ) -> AsyncIterator[bytes]:
         """Run the answer in a worker thread and relay its text pieces; stop it if the client goes away."""
@@ -338,7 +369,7 @@ def create_app(state: ServiceState) -> FastAPI:
                 if kind == "piece":
                     yield on_piece(payload)
                 elif kind == "done":
-                    record(payload)
+                    record(payload, tenant)
                     for event in on_done(payload):
                         yield event
                     break
@@ -363,11 +394,11 @@ def create_app(state: ServiceState) -> FastAPI:
         check = await checked(request)
         if body.stream:
             return StreamingResponse(stream_answer(
-                check, on_done=lambda a: [sse(outcome(a), "done")], on_piece=lambda t: sse({"text": t}, "token"),
+                check, tenant, on_done=lambda a: [sse(outcome(a), "done")], on_piece=lambda t: sse({"text": t}, "token"),
                 on_error=lambda m: [sse({"detail": m}, "error")]), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"})
         answer = await anyio.to_thread.run_sync(runtime.run, check)
-        record(answer)
+        record(answer, tenant)
         return outcome(answer)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["rag"],
@@ -406,7 +437,7 @@ def create_app(state: ServiceState) -> FastAPI:
             async def events() -> AsyncIterator[bytes]:
                 yield sse(chunk({"role": "assistant", "content": ""}))
                 async for event in stream_answer(
-                        check, on_piece=lambda t: sse(chunk({"content": t})),
+                        check, tenant, on_piece=lambda t: sse(chunk({"content": t})),
                         on_done=lambda a: [sse(chunk({}, finish(a), ragkv=extras(a))),
                                            *([sse({**chunk({}), "choices": [], "usage": usage(a)})]
                                              if include_usage else []), sse("[DONE]")],
@@ -416,7 +447,7 @@ def create_app(state: ServiceState) -> FastAPI:
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         a = await anyio.to_thread.run_sync(runtime.run, check)
-        record(a)
+        record(a, tenant)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text},
                              "finish_reason": finish(a)}],
@@ -433,8 +464,11 @@ def create_app(state: ServiceState) -> FastAPI:
              responses=_errors(401))
     async def stats(tenant: TenantDep) -> dict[str, Any]:
         store_stats = await anyio.to_thread.run_sync(runtime.store.stats)
+        usage = await anyio.to_thread.run_sync(runtime.store.usage, tenant.namespace)
         return {"tenant": tenant.name, "namespace": tenant.namespace, "store": store_stats,
-                "service": metrics.snapshot(), "model": runtime.info.to_dict(), "waiting": runtime.waiting}
+                "service": metrics.snapshot(), "model": runtime.info.to_dict(), "waiting": runtime.waiting,
+                "usage": {**usage, "quota_bytes": tenant.quota_bytes, "pinned_quota_bytes": tenant.pinned_quota_bytes},
+                "tenant_metrics": metrics.tenant_snapshot(None if tenant.admin else tenant.name)}
 
     @app.get("/healthz", response_model=HealthResponse, tags=["observability"], summary="Liveness and what is served")
     async def healthz() -> dict[str, Any]:

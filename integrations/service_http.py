@@ -4,11 +4,16 @@ Why one plain ASGI middleware in front of FastAPI rather than per-route dependen
 must not depend on FastAPI internals (which parse a JSON body before running dependencies, so a bad body
 would answer 422 before a missing key answered 401), and an oversized body must be refused from its
 ``Content-Length`` before a byte of it is read. Order: 401 (API key) -> 415 (content type) -> 413 (size) ->
-422 for JSON bodies that are not UTF-8; everything after that is FastAPI's (422 for malformed keys and bodies).
+408 (a body that stalls for ``body_timeout_s``) -> 422 for JSON bodies that are not UTF-8 or not standard
+JSON (``NaN``, ``Infinity``, nesting deeper than ``MAX_JSON_DEPTH``); everything after that is FastAPI's (422
+for malformed keys and bodies). An exception escaping a route is answered here as a plain 500, so the
+keep-alive connection survives it (Starlette's outermost handler would re-raise and close it).
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,7 +30,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+log = logging.getLogger(__name__)
 TENANT_SCOPE_KEY = "ragkv.tenant"
+MAX_JSON_DEPTH = 32
 CHUNKS_PREFIX = "/v1/chunks/"
 OCTET_STREAM = "application/octet-stream"
 JSON = "application/json"
@@ -43,6 +50,7 @@ class ServiceLimits:
     max_lookup_keys: int = 1024
     max_new_tokens: int = 512
     max_waiting: int = 16  # model requests queued behind the one running; more get 429
+    body_timeout_s: int = 30  # a request body that sends nothing for this long gets 408
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
@@ -90,6 +98,38 @@ class _TooLarge(HTTPException):
         super().__init__(status_code=413, detail=f"request body exceeds the limit of {limit} bytes")
 
 
+class _SlowBody(HTTPException):
+    """Raised from ``receive`` when the client stops sending the body it promised."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(status_code=408, detail=f"the request body stalled for {timeout_s:g} s")
+
+
+def json_problem(body: bytes) -> str | None:
+    """Why ``body`` is not strict JSON (not UTF-8, NaN/Infinity, nested too deep), or None."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the request body is not UTF-8 JSON: {exc.reason} at byte {exc.start}"
+    depth = 0
+    for ch in text:  # brackets inside strings count too: conservative, and bounded before the parser recurses
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return f"the request body nests deeper than {MAX_JSON_DEPTH} levels"
+        elif ch in "]}":
+            depth -= 1
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not standard JSON")
+
+    try:
+        json.loads(text, parse_constant=refuse)
+    except ValueError as exc:
+        return f"the request body is not standard JSON: {exc}"
+    return None
+
+
 class GuardMiddleware:
     """Authenticates ``/v1/*`` requests, enforces content types and body limits, and records metrics."""
 
@@ -111,8 +151,20 @@ class GuardMiddleware:
                 status["code"] = int(message["status"])
             await send(message)
 
+        started = {"response": False}
+
+        async def send_tracking(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started["response"] = True
+            await send_recording(message)
+
         try:
-            await self._guarded(scope, receive, send_recording)
+            await self._guarded(scope, receive, send_tracking)
+        except Exception:
+            log.exception("unhandled error answering %s %s", scope.get("method"), scope.get("path"))
+            if started["response"]:
+                raise  # a streamed body already started: nothing but closing the connection can end it
+            await send_json(send_recording, 500, {"detail": "internal error"})
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("unmatched" if status["code"] == 404 else "refused")
@@ -148,13 +200,33 @@ class GuardMiddleware:
             if length > limit:
                 await send_json(send, 413, {"detail": f"request body of {length} bytes exceeds the limit of {limit}"})
                 return
+        timeout_s = self.limits.body_timeout_s
+        body_done = {"yes": False}
+
+        async def receive_timed() -> Message:
+            """Each piece of the body must come within ``timeout_s``; after the body, no deadline (a
+            streaming response listens here for the client going away)."""
+            if body_done["yes"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout_s)
+            except asyncio.TimeoutError:
+                raise _SlowBody(timeout_s) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done["yes"] = True
+            return message
+
         if wanted == JSON:
-            # JSON bodies are small (bounded by the limit): read them here, so a body that is not UTF-8 (which
-            # JSON must be) is a 422 like any other malformed body rather than FastAPI's generic 400.
+            # JSON bodies are small (bounded by the limit): read them here, so a body that is not strict JSON
+            # is a 422 like any other malformed body (never FastAPI's 400 or a 500 rendering NaN).
             body = bytearray()
             more = True
             while more:
-                message = await receive()
+                try:
+                    message = await receive_timed()
+                except _SlowBody as exc:
+                    await send_json(send, 408, {"detail": exc.detail}, [(b"connection", b"close")])
+                    return
                 if message["type"] != "http.request":
                     return  # the client went away
                 body += message.get("body", b"")
@@ -162,18 +234,16 @@ class GuardMiddleware:
                 if len(body) > limit:
                     await send_json(send, 413, {"detail": f"request body exceeds the limit of {limit} bytes"})
                     return
-            try:
-                bytes(body).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                await send_json(send, 422, {"detail": f"the request body is not UTF-8 JSON: {exc.reason} at byte "
-                                                      f"{exc.start}"})
+            problem = json_problem(bytes(body))
+            if problem is not None:
+                await send_json(send, 422, {"detail": problem})
                 return
-            receive = _replay(bytes(body), receive)
+            receive_timed = _replay(bytes(body), receive)
         received = {"n": 0}
         started = {"response": False}
 
         async def receive_limited() -> Message:
-            message = await receive()
+            message = await receive_timed()
             if message["type"] == "http.request":
                 received["n"] += len(message.get("body", b""))
                 if received["n"] > limit:
@@ -187,10 +257,11 @@ class GuardMiddleware:
 
         try:
             await self.app(scope, receive_limited, send_tracking)
-        except _TooLarge:
+        except (_TooLarge, _SlowBody) as exc:
             if started["response"]:
                 raise
-            await send_json(send, 413, {"detail": f"request body exceeds the limit of {limit} bytes"})
+            close = [(b"connection", b"close")] if isinstance(exc, _SlowBody) else []
+            await send_json(send, exc.status_code, {"detail": exc.detail}, close)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ragkv.integrations.answers import QuotaExceeded
 from ragkv.kvstore import SHARED_NAMESPACE, ConfigError, key_namespace
 from ragkv.kvstore.chunk import check_namespace
 from ragkv.kvstore.tiers.base import parse_size
@@ -174,6 +175,33 @@ def _strings(entry: Mapping[str, Any], name: str) -> list[str]:
     return list(value)
 
 
+class QuotaCheck:
+    """Checks writes against a tenant's quotas, from what the store reports the namespace holds."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def check_write(self, tenant: Tenant, namespace: str, nbytes: int, pin: bool = False) -> None:
+        """``QuotaExceeded`` if writing ``nbytes`` more into ``namespace`` (pinned or not) breaks a quota. The
+        shared namespace counts against nobody's quota (only admins and the server itself write there)."""
+        if namespace != tenant.namespace:
+            return
+        usage = self.store.usage(namespace)
+        if tenant.quota_bytes is not None and usage["bytes"] + nbytes > tenant.quota_bytes:
+            raise QuotaExceeded(f"tenant {tenant.name!r} holds {usage['bytes']} bytes; {nbytes} more would exceed "
+                                f"its quota of {tenant.quota_bytes}")
+        limit = tenant.pinned_quota_bytes
+        if pin and limit is not None and usage["pinned_bytes"] + nbytes > limit:
+            raise QuotaExceeded(f"tenant {tenant.name!r} has {usage['pinned_bytes']} pinned bytes; {nbytes} more "
+                                f"would exceed its pinned quota of {limit}")
+
+    def has_room(self, tenant: Tenant, namespace: str) -> bool:
+        """Whether ``namespace`` is below the tenant's byte quota (answers store their misses only then)."""
+        if namespace != tenant.namespace or tenant.quota_bytes is None:
+            return True
+        return self.store.usage(namespace)["bytes"] < tenant.quota_bytes
+
+
 def _flag(entry: Mapping[str, Any], name: str) -> bool:
     value = entry.get(name, False)
     if type(value) is not bool:
@@ -193,4 +221,4 @@ def _size(entry: Mapping[str, Any], name: str) -> int | None:
         raise ConfigError(f"tenant field {name!r}: {exc}") from None
 
 
-__all__ = ["OPEN_TENANT", "Tenant", "TenantRegistry"]
+__all__ = ["OPEN_TENANT", "QuotaCheck", "Tenant", "TenantRegistry"]

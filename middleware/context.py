@@ -23,6 +23,9 @@ class PrepareRequest:
     tokenized alone (with the layout's separator); token-id chunks are taken as they are.
     ``chunk_scores`` (one per chunk, higher = more relevant, e.g. the retriever's) are used by ``compress``'s
     chunk-level mode. ``store_misses``: chunks missing from the store are computed, stored and used.
+    ``namespace`` is where misses are stored; ``lookup_namespaces`` says where chunks are looked up, in order
+    (empty: ``namespace`` alone). A service passes the tenant's own namespace, then ``shared``; the first
+    one also keys the tenant's prefix-cache entries.
     """
 
     query: str | Sequence[int]
@@ -32,9 +35,16 @@ class PrepareRequest:
     namespace: str = DEFAULT_NAMESPACE
     chunk_scores: Sequence[float] | None = None
     store_misses: bool = True
+    lookup_namespaces: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
+        for namespace in self.lookup_namespaces:
+            check_namespace(namespace)
+
+    @property
+    def lookup(self) -> tuple[str, ...]:
+        return tuple(self.lookup_namespaces) or (self.namespace,)
         if isinstance(self.chunks, str):
             raise ConfigError("chunks must be a sequence of texts or token-id lists, not one string")
         if self.history and not isinstance(self.query, str):

@@ -130,7 +130,7 @@ class ContextEngine:
         parts = self.prompt_parts(request)
         indices = range(len(request.chunks)) if chunk_indices is None else chunk_indices
         chunk_ids = [self.cacher.tokens(request.chunks[i]) for i in indices]
-        keys = [self.cacher.key(ids, request.namespace) for ids in chunk_ids]
+        keys = self.resolve_keys(chunk_ids, request)
         prompt = assemble(parts.opening, chunk_ids, parts.closing, keys)
         if chunk_indices is not None:  # keep the request's chunk numbering
             from dataclasses import replace
@@ -143,14 +143,14 @@ class ContextEngine:
         self.adapter.check_length(prompt.length)
         return prompt
 
-    def prefix_kv(self, prompt: AssembledPrompt) -> tuple[torch.Tensor, bool]:
-        """KV [L, 2, 1, H, P, D] of the exact prefix (the opening), from the prefix cache or computed."""
+    def prefix_kv(self, prompt: AssembledPrompt, namespace: str) -> tuple[torch.Tensor, bool]:
+        """KV [L, 2, 1, H, P, D] of the exact prefix (the opening), from ``namespace``'s prefix cache or computed."""
         ids = list(prompt.prefix.token_ids)
-        entry = self.prefix_cache.get(ids)
+        entry = self.prefix_cache.get(ids, namespace=namespace)
         if entry is not None:
             return entry.kv, True
         kv = self.adapter.prefill(torch.tensor([ids])).kv
-        self.prefix_cache.put(ids, kv)
+        self.prefix_cache.put(ids, kv, namespace=namespace)
         return kv, False
 
     def fetch_chunks(self, prompt: AssembledPrompt, request: PrepareRequest, pipelined: bool | None = None,
@@ -163,9 +163,11 @@ class ContextEngine:
         unique: dict[str, Any] = {}
         for s in segs:
             unique.setdefault(s.key, s)
-        keys = list(unique)
+        keys = list(unique)  # resolved by ``assemble``: the first namespace of the lookup order holding each
         token_lists = [list(unique[k].token_ids) for k in keys]
         by_key = {k: i for i, k in enumerate(keys)}
+        # a miss, or a stored chunk found unusable, is stored in the request's own namespace only
+        write_keys = [self.cacher.key(ids, request.namespace) for ids in token_lists]
         src = None
         if sources:
             src = [None] * len(keys)
@@ -177,7 +179,7 @@ class ContextEngine:
             """For a stored chunk that turned out unusable while loading in the background."""
             chunk = self.cacher.compute([token_lists[i]])[0]
             if request.store_misses:
-                self.store.put(keys[i], chunk)
+                self.store.put(write_keys[i], chunk)
                 found = loaded[i]
                 if found is not None:
                     found.stored = True
@@ -193,9 +195,9 @@ class ContextEngine:
             self.costs.observe_compute(sum(c.num_tokens + 1 for c in computed) * self.adapter.num_layers, seconds)
             for i, chunk in zip(misses, computed):
                 if request.store_misses:
-                    self.store.put(keys[i], chunk)
+                    self.store.put(write_keys[i], chunk)
                     stored.add(i)
-                loaded[i] = LoadedChunk(keys[i], chunk.meta, None, None, chunk.nbytes, hit=False, _full=chunk.kv)
+                loaded[i] = LoadedChunk(write_keys[i], chunk.meta, None, None, chunk.nbytes, hit=False, _full=chunk.kv)
         by_index: dict[int, LoadedChunk] = {}
         infos: list[ChunkInfo] = []
         for s in segs:
@@ -207,6 +209,22 @@ class ContextEngine:
                                    tier=c.tier, codec=c.codec, source="store" if c.hit else "computed",
                                    load_seconds=c.load_seconds, stored=i in stored))
         return by_index, infos
+
+    def resolve_keys(self, token_lists: Sequence[Sequence[int]], request: PrepareRequest) -> list[str]:
+        """Each chunk's key in the first namespace of ``request.lookup`` that holds it (the tenant's own, then
+        shared), else its key in ``request.namespace``, where a miss is stored."""
+        if request.lookup == (request.namespace,):
+            return [self.cacher.key(ids, request.namespace) for ids in token_lists]
+        found: list[str | None] = [None] * len(token_lists)
+        for namespace in request.lookup:
+            todo = [i for i, f in enumerate(found) if f is None]
+            if not todo:
+                break
+            candidates = [self.cacher.key(token_lists[i], namespace) for i in todo]
+            for i, key, present in zip(todo, candidates, self.store.contains_many(candidates)):
+                if present:
+                    found[i] = key
+        return [f if f is not None else self.cacher.key(ids, request.namespace) for f, ids in zip(found, token_lists)]
 
     def observe_loads(self, loaded: dict[int, LoadedChunk]) -> None:
         """Feed measured load times into the cost model (after the layers were consumed)."""

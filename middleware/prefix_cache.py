@@ -43,14 +43,16 @@ class PrefixEntry:
         return self.kv.numel() * self.kv.element_size() + extra
 
 
-def prefix_key(token_ids: Sequence[int]) -> bytes:
+def prefix_key(token_ids: Sequence[int], namespace: str) -> bytes:
+    """Entries belong to one tenant: the namespace is part of the key, so no tenant reuses another's prompt."""
     h = hashlib.blake2b(digest_size=20)
+    h.update(namespace.encode() + b"\x00")
     h.update(torch.tensor(list(token_ids), dtype=torch.int32).numpy().astype("<i4").tobytes())
     return h.digest()
 
 
 class PrefixCache:
-    """LRU over exact token prefixes of one model (an engine owns one per adapter)."""
+    """LRU over exact token prefixes of one model (an engine owns one per adapter), per tenant namespace."""
 
     def __init__(self, config: PrefixCacheConfig = PrefixCacheConfig()) -> None:
         self.config = config
@@ -68,8 +70,8 @@ class PrefixCache:
     def used_bytes(self) -> int:
         return self._bytes
 
-    def get(self, token_ids: Sequence[int], need_logits: bool = False) -> PrefixEntry | None:
-        key = prefix_key(token_ids)
+    def get(self, token_ids: Sequence[int], *, namespace: str, need_logits: bool = False) -> PrefixEntry | None:
+        key = prefix_key(token_ids, namespace)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or (need_logits and entry.logits is None) or entry.length != len(token_ids):
@@ -79,24 +81,26 @@ class PrefixCache:
             self.hits += 1
             return entry
 
-    def longest(self, token_ids: Sequence[int], boundaries: Sequence[int]) -> tuple[int, PrefixEntry] | None:
+    def longest(self, token_ids: Sequence[int], boundaries: Sequence[int], *, namespace: str
+                ) -> tuple[int, PrefixEntry] | None:
         """The longest cached prefix ``token_ids[:b]`` among ``boundaries`` (a full-length match needs logits)."""
         for b in sorted(set(boundaries), reverse=True):
             if b <= 0:
                 continue
-            entry = self.get(token_ids[:b], need_logits=b == len(token_ids))
+            entry = self.get(token_ids[:b], namespace=namespace, need_logits=b == len(token_ids))
             if entry is not None:
                 return b, entry
         return None
 
-    def put(self, token_ids: Sequence[int], kv: torch.Tensor, logits: torch.Tensor | None = None) -> bool:
+    def put(self, token_ids: Sequence[int], kv: torch.Tensor, logits: torch.Tensor | None = None, *,
+            namespace: str) -> bool:
         """Store a prefix; returns False when it is larger than the whole budget."""
         entry = PrefixEntry(kv.detach(), None if logits is None else logits.detach().float())
         if entry.length != len(token_ids):
             raise ValueError(f"prefix KV holds {entry.length} tokens for {len(token_ids)} token ids")
         if self.config.max_entries == 0 or entry.nbytes > self.config.max_bytes:
             return False
-        key = prefix_key(token_ids)
+        key = prefix_key(token_ids, namespace)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:

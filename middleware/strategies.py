@@ -114,7 +114,8 @@ class PrefixStrategy(Strategy):
         prompt = engine.assemble(request)
         ids = prompt.input_ids
         n = len(ids)
-        match = engine.prefix_cache.longest(ids, prompt.boundaries())
+        tenant = request.lookup[0]
+        match = engine.prefix_cache.longest(ids, prompt.boundaries(), namespace=tenant)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         if match is not None and match[0] == n:
@@ -129,10 +130,10 @@ class PrefixStrategy(Strategy):
             logits = adapter.logits(out.hidden[:, -1:])[0, 0]
             engine.costs.observe_compute((n - matched) * adapter.num_layers, time.perf_counter() - start)
             if self.config.store_prompts:
-                engine.prefix_cache.put(ids, kv, logits)
+                engine.prefix_cache.put(ids, kv, logits, namespace=tenant)
             p = prompt.prefix.length
             if self.config.store_system_prefix and matched < p:
-                engine.prefix_cache.put(ids[:p], kv[:, :, :, :, :p].clone())
+                engine.prefix_cache.put(ids[:p], kv[:, :, :, :, :p].clone(), namespace=tenant)
         timings["compute"] = time.perf_counter() - start
         infos = []
         for s in prompt.chunks:
@@ -154,7 +155,7 @@ class CachedChunksStrategy(Strategy):
         engine = self.engine
         start = time.perf_counter()
         prompt = prompt if prompt is not None else engine.assemble(request)
-        prefix_kv, prefix_hit = engine.prefix_kv(prompt)
+        prefix_kv, prefix_hit = engine.prefix_kv(prompt, request.lookup[0])
         loaded, infos = engine.fetch_chunks(prompt, request, skip=skip, sources=sources)
         feed = LayerFeed(self.adapter, prompt, prefix_kv, loaded)
         return prompt, feed, infos, prefix_hit, {"gather": time.perf_counter() - start}

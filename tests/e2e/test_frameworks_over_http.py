@@ -20,8 +20,12 @@ def test_client_round_trips(service: Any) -> None:
         text = f"k1 v2 ; client {uuid.uuid4().hex[:6]}"
         key = client.warm([text])["keys"][0]
         assert client.lookup([key])[0]["present"] and client.get_chunk(key)
-        assert client.put_chunk("bob:copy", client.get_chunk(key) or b"")["key"] == "bob:copy"
-        assert client.delete_chunk("bob:copy") and not client.delete_chunk("bob:copy")
+        blob = client.get_chunk(key) or b""
+        with pytest.raises(RagkvHTTPError) as refused:
+            client.put_chunk("bob:copy", blob)  # a blob goes only under the content key it was made for
+        assert refused.value.status == 422
+        assert client.delete_chunk(key) and not client.delete_chunk(key)
+        assert client.put_chunk(key, blob)["key"] == key and client.get_chunk(key) == blob
         assert client.get_chunk("bob:absent") is None
         out = client.generate("Q k1 ?", [text], max_new_tokens=2)
         assert out["documents"][0]["hit"]

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
 from ragkv.kvstore import read_header
 
@@ -131,28 +132,34 @@ def test_chunk_blob_round_trip(alice: httpx.Client) -> None:
     head = alice.head(f"/v1/chunks/{key}")
     assert head.status_code == 200 and head.headers["x-ragkv-tier"] == "host"
     assert int(head.headers["content-length"]) == len(got.content)
-    copy = f"alice:copy-{uuid.uuid4().hex[:8]}"
-    put = alice.put(f"/v1/chunks/{copy}", content=got.content, headers={"content-type": "application/octet-stream"},
+    assert alice.delete(f"/v1/chunks/{key}").status_code == 204
+    assert alice.get(f"/v1/chunks/{key}").status_code == 404
+    assert alice.head(f"/v1/chunks/{key}").status_code == 404
+    assert alice.delete(f"/v1/chunks/{key}").status_code == 404
+    put = alice.put(f"/v1/chunks/{key}", content=got.content, headers={"content-type": "application/octet-stream"},
                     params={"ttl_s": 3600})
     assert put.status_code == 201 and put.json()["tokens"] == len(header.meta.token_ids)
-    assert read_header(alice.get(f"/v1/chunks/{copy}").content).meta == header.meta
-    looked = alice.post("/v1/chunks/lookup", json={"keys": [key, copy, "alice:absent"]}).json()["results"]
-    assert [(r["present"], r["tier"]) for r in looked] == [(True, "host"), (True, "host"), (False, None)]
-    assert alice.delete(f"/v1/chunks/{copy}").status_code == 204
-    assert alice.get(f"/v1/chunks/{copy}").status_code == 404
-    assert alice.head(f"/v1/chunks/{copy}").status_code == 404
-    assert alice.delete(f"/v1/chunks/{copy}").status_code == 404
+    back = read_header(alice.get(f"/v1/chunks/{key}").content)
+    assert back.meta == header.meta and back.expires_at is not None
+    looked = alice.post("/v1/chunks/lookup", json={"keys": [key, "alice:absent"]}).json()["results"]
+    assert [(r["present"], r["tier"]) for r in looked] == [(True, "disk"), (False, None)]  # host refills on use
 
 
-def test_large_chunk_streams_with_content_length(service: Any, alice: httpx.Client) -> None:
+def test_large_chunk_streams_with_content_length(service: Any, alice: httpx.Client,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from ragkv.codecs import get_codec
+    from ragkv.integrations import service_app
     from ragkv.kvstore import ChunkKV, ChunkMeta, encode_entry
 
-    kv = torch.randn(4, 2, 4, 600, 64).to(torch.float16)  # [L, 2, H, T, D]: 2.4 MB, more than one slice
-    blob = encode_entry(ChunkKV(kv, ChunkMeta("other-model", tuple(range(600)), position=1)), get_codec("raw"))
-    key = f"alice:big-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(service_app, "DOWNLOAD_SLICE", 64 << 10)  # the blob below spans several slices
+    adapter = service.state.runtime.adapter
+    ids = [7 + (uuid.uuid4().int + i) % 50 for i in range(600)]
+    shape = (adapter.num_layers, 2, adapter.num_kv_heads, len(ids), adapter.head_dim)
+    meta = ChunkMeta(str(adapter.fingerprint), tuple(ids), position=1, dtype=adapter.dtype_name)
+    key = service.state.runtime.engine.cacher.key(ids, "alice")
+    blob = encode_entry(ChunkKV(torch.randn(shape).to(adapter.dtype), meta), get_codec("raw"), key=key)
     assert alice.put(f"/v1/chunks/{key}", content=blob, headers={"content-type": "application/octet-stream"}
                      ).status_code == 201
     with alice.stream("GET", f"/v1/chunks/{key}") as response:

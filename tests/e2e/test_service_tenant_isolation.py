@@ -70,17 +70,21 @@ def test_shared_namespace_publish_read_and_admin_delete(service: Any, alice: htt
     blob = bob.get(f"/v1/chunks/{key}")
     assert blob.status_code == 200 and bob.head(f"/v1/chunks/{key}").status_code == 200
     assert bob.post("/v1/chunks/lookup", json={"keys": [key]}).json()["results"][0]["present"]
-    shared_answer = bob.post("/v1/generate", json={"query": "Q k3 ?", "documents": [{"key": key}],
-                                                   "shared": True, "max_new_tokens": 1}).json()
-    assert shared_answer["documents"][0]["hit"] and shared_answer["documents"][0]["key"] == key
+    for document in ({"key": key}, text):  # by key or by text: bob's namespace first, then shared
+        shared_answer = bob.post("/v1/generate", json={"query": "Q k3 ?", "documents": [document],
+                                                       "max_new_tokens": 1}).json()
+        assert shared_answer["documents"][0]["hit"] and shared_answer["documents"][0]["key"] == key
+    assert bob.post("/v1/chunks/lookup", json={"keys": [key.replace("shared:", "bob:")]}
+                    ).json()["results"][0]["present"] is False  # nothing was recomputed into bob's namespace
     assert bob.delete(f"/v1/chunks/{key}").status_code == 403  # publishing is not owning
     assert alice.delete(f"/v1/chunks/{key}").status_code == 403  # nor is having published it
     with service.client("reader") as reader:
         assert reader.get(f"/v1/chunks/{key}").status_code == 200
         assert reader.post("/v1/warm", json={"texts": ["k1 v1 ;"], "shared": True}).status_code == 403
-        assert reader.put("/v1/chunks/shared:by-reader", content=blob.content, headers=OCTET).status_code == 403
+        assert reader.put(f"/v1/chunks/{key}", content=blob.content, headers=OCTET).status_code == 403
         assert reader.post("/v1/generate", json={"query": "Q k1 ?", "documents": ["k1 v1 ;"],
                                                  "shared": True}).status_code == 403
+    assert alice.put(f"/v1/chunks/{key}", content=blob.content, headers=OCTET).status_code == 403  # not admin
     with service.client("admin") as admin:
         assert admin.get(f"/v1/chunks/{key}").status_code == 200
         assert admin.delete(f"/v1/chunks/{key}").status_code == 204

@@ -45,9 +45,12 @@ def test_bad_keys_files_are_refused(data: object, match: str) -> None:
 def test_namespace_rules() -> None:
     alice = Tenant("alice", "alice", publish=True, admin=False)
     assert alice.can_read("alice:x") and alice.can_read("shared:x") and not alice.can_read("bob:x")
-    assert alice.can_write("alice:x") and alice.can_write("shared:x") and not alice.can_write("bob:x")
+    # publishing lets the server compute shared chunks from text; binary blobs go into shared only as admin
+    assert alice.can_write("alice:x") and not alice.can_write("shared:x") and not alice.can_write("bob:x")
+    assert Tenant("ops", "ops", admin=True).can_write("shared:x")
+    assert alice.lookup_order() == ("alice", "shared")
     assert alice.can_delete("alice:x") and not alice.can_delete("shared:x") and not alice.can_delete("bob:x")
-    reader = Tenant("r", "r", publish=False)
+    reader = Tenant("r", "r")  # roles are opt-in
     assert not reader.can_write("shared:x")
     with pytest.raises(PermissionError):
         reader.write_namespace(shared=True)
