@@ -78,7 +78,7 @@ class AnswerRequest:
     namespace: str = "default"  # where misses are stored
     readable_namespaces: frozenset[str] = frozenset()  # namespaces a document key may come from
     lookup_namespaces: tuple[str, ...] = ()  # where chunks are looked up, in order (empty: ``namespace``)
-    store_misses: bool = True  # False: chunks computed for this answer are not stored (e.g. over quota)
+    store_budget_bytes: int | None = None  # misses are stored only if they fit (a quota's room); None: always
     strategy: str | None = None  # None: the engine's default (blend)
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
     generation: GenerationOptions = GenerationOptions()

@@ -179,7 +179,8 @@ class RagRuntime:
         generation = request.generation.to_config()
         prepare = PrepareRequest(query=parts.closing, chunks=chunks, system=parts.opening,
                                  namespace=request.namespace, lookup_namespaces=request.lookup_namespaces,
-                                 store_misses=request.store_misses)
+                                 store_misses=request.store_budget_bytes is None
+                                 or self.chunk_bytes(sum(len(c) for c in chunks)) <= request.store_budget_bytes)
         return CheckedRequest(prepare, strategy, generation, bool(request.strategy_params))
 
     def run(self, checked: CheckedRequest, on_token: TokenCallback | None = None) -> Answer:

@@ -319,7 +319,7 @@ def create_app(state: ServiceState) -> FastAPI:
         return AnswerRequest(query=_check_text(query, "the query", limits.max_text_chars), history=history,
                              documents=docs, system=_check_text(system, "the system text", limits.max_text_chars)
                              if system else None, namespace=namespace, readable_namespaces=tenant.readable(),
-                             lookup_namespaces=tenant.lookup_order(), store_misses=quotas.has_room(tenant, namespace),
+                             lookup_namespaces=tenant.lookup_order(), store_budget_bytes=quotas.room(tenant, namespace),
                              strategy=body.strategy, strategy_params=body.strategy_params, generation=generation)
 
     def record(answer: Answer, tenant: Tenant) -> None:

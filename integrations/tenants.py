@@ -195,11 +195,11 @@ class QuotaCheck:
             raise QuotaExceeded(f"tenant {tenant.name!r} has {usage['pinned_bytes']} pinned bytes; {nbytes} more "
                                 f"would exceed its pinned quota of {limit}")
 
-    def has_room(self, tenant: Tenant, namespace: str) -> bool:
-        """Whether ``namespace`` is below the tenant's byte quota (answers store their misses only then)."""
+    def room(self, tenant: Tenant, namespace: str) -> int | None:
+        """Bytes ``namespace`` may still take under the tenant's quota (None: unbounded)."""
         if namespace != tenant.namespace or tenant.quota_bytes is None:
-            return True
-        return self.store.usage(namespace)["bytes"] < tenant.quota_bytes
+            return None
+        return max(0, tenant.quota_bytes - self.store.usage(namespace)["bytes"])
 
 
 def _flag(entry: Mapping[str, Any], name: str) -> bool:
