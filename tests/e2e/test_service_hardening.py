@@ -169,3 +169,27 @@ def test_a_stalled_body_gets_408_instead_of_holding_the_connection(service: Any)
             answer = sock.recv(4096)
         assert answer.split(b" ")[1] == b"408", answer[:200]
     assert time.perf_counter() - start < 2 * service.limits["body_timeout_s"] + 10
+
+
+def test_hostile_blob_corpus_over_http(service: Any, alice: httpx.Client) -> None:
+    """Every codec's hostile blobs, made for the served model and alice's content keys: each PUT is stored
+    (it looked well-formed) or refused with 4xx; every read after it is 200 or 404; nothing is a 5xx."""
+    import resource
+
+    from blob_corpus import Geometry, hostile_blobs
+
+    runtime = service.state.runtime
+    a = runtime.adapter
+    geometry = Geometry(str(a.fingerprint), "alice", a.num_layers, a.num_kv_heads, a.head_dim, a.dtype,
+                        key_of=lambda ids: runtime.engine.cacher.key(list(ids), "alice"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for name, key, blob in hostile_blobs(seed=3, flips=6, geometry=geometry):
+        put = alice.put(f"/v1/chunks/{key}", content=blob, headers=OCTET)
+        assert put.status_code in (201, 413, 422), (name, put.status_code, put.text[:200])
+        assert alice.get(f"/v1/chunks/{key}").status_code in (200, 404), name
+        assert alice.head(f"/v1/chunks/{key}").status_code in (200, 404), name
+        answer = alice.post("/v1/generate", json={"query": "Q k1 ?", "documents": [{"key": key}], "max_new_tokens": 1})
+        assert answer.status_code in (200, 404, 422), (name, answer.status_code, answer.text[:200])
+        alice.delete(f"/v1/chunks/{key}")
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert growth < 256 << 20, f"the test process and its in-process server grew by {growth / 2**20:.0f} MiB"
