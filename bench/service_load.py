@@ -36,18 +36,35 @@ SHAPES = {  # name -> build_random_model kwargs
 CLIENT_PROCESSES = 2
 
 
-def chunk_blob(index: int) -> tuple[str, bytes]:
-    """A 1 MiB fp16 chunk ([8, 2, 8, 64, 64]) as a raw container blob, with a stable key."""
+def chunk_blob(index: int, geometry: dict[str, Any]) -> tuple[str, bytes]:
+    """A chunk of about 1 MiB of KV in the served model's geometry, as a raw container blob under its content
+    key (the service stores only what its own model could have made under that key)."""
     import torch
 
     from ragkv.codecs import get_codec
+    from ragkv.codecs.base import dtype_from_name
     from ragkv.kvstore import ChunkKV, ChunkMeta, chunk_key, encode_entry
 
+    dtype = dtype_from_name(geometry["dtype"])
+    per_token = geometry["layers"] * 2 * geometry["heads"] * geometry["dim"] * dtype.itemsize
+    tokens = max(1, -(-MB // per_token))
     g = torch.Generator().manual_seed(index)
-    kv = torch.randn(8, 2, 8, 64, 64, generator=g).to(torch.float16)  # kv: [L, 2, H, T, D] = 1 MiB
-    ids = tuple(range(index * 64, index * 64 + 64))
-    key = chunk_key("bench-model", "default", ids)
-    return key, encode_entry(ChunkKV(kv, ChunkMeta("bench-model", ids, position=1)), get_codec("raw"))
+    kv = torch.randn(geometry["layers"], 2, geometry["heads"], tokens, geometry["dim"], generator=g).to(dtype)
+    ids = tuple(range(index * tokens, (index + 1) * tokens))
+    key = chunk_key(geometry["fingerprint"], "default", ids)
+    meta = ChunkMeta(geometry["fingerprint"], ids, position=1, dtype=geometry["dtype"])
+    return key, encode_entry(ChunkKV(kv, meta), get_codec("raw"), key=key)
+
+
+def served_geometry(client: Any) -> dict[str, Any]:
+    """The served model's fingerprint, KV geometry and dtype, read from the blob of one warmed chunk."""
+    from ragkv.kvstore import read_header
+
+    key = client.post("/v1/warm", json={"texts": ["geometry probe"]}).json()["keys"][0]
+    header = read_header(client.get(f"/v1/chunks/{key}").content)
+    layers, _, heads, _, dim = header.shape
+    return {"fingerprint": header.meta.fingerprint, "layers": layers, "heads": heads, "dim": dim,
+            "dtype": header.dtype}
 
 
 # -- child: the service --------------------------------------------------------------------------------------------
@@ -248,10 +265,11 @@ def main() -> None:
         if not line.startswith("URL "):
             raise RuntimeError(f"the service did not start: {line!r}")
         url = line.split()[1]
-        blobs = dict(chunk_blob(i) for i in range(32))
         import httpx
 
         with httpx.Client(base_url=url, timeout=60) as client:
+            geometry = served_geometry(client)
+            blobs = dict(chunk_blob(i, geometry) for i in range(32))
             for key, blob in blobs.items():
                 client.put(f"/v1/chunks/{key}", content=blob,
                            headers={"content-type": "application/octet-stream"}).raise_for_status()
@@ -262,7 +280,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     size_mb = len(next(iter(blobs.values()))) / MB
-    report.setup = {"chunk": f"fp16 KV [8, 2, 8, 64, 64], raw container blob of {size_mb:.3f} MiB, 32 distinct",
+    report.setup = {"chunk": f"{geometry['dtype']} KV of the served model ({shape} shape, random init), raw container "
+                             f"blob of {size_mb:.3f} MiB under its content key, 32 distinct",
                     "store": "host:8GB (decoded tensors; get_blob encodes raw + CRC32 per request)",
                     "server": "ragkv service app, uvicorn (h11), one process, loopback",
                     "clients": f"{args.clients} threads over {CLIENT_PROCESSES} processes, keep-alive http.client",

@@ -15,7 +15,7 @@ from harness import RedisProcess, Report, median, parse_args, time_call
 from ragkv.codecs import get_codec
 from ragkv.kvstore import ChunkKV, ChunkMeta, DiskConfig, HostConfig, RedisConfig, chunk_key, encode_entry
 from ragkv.kvstore.tiers import make_tier
-from ragkv.kvstore.tiers.redis_client import close_client, import_redis, make_client, parse_redis_url
+from ragkv.kvstore.tiers.redis_client import close_client, import_redis, make_client
 
 MB = 1 << 20
 
@@ -104,7 +104,7 @@ def bench_redis(size_mb: int, reps: int, url: str) -> dict[str, float]:
     tier = make_tier(RedisConfig(url=url))
     redis = import_redis()
     cfg = tier.config
-    raw = make_client(redis, parse_redis_url(url), cfg.socket_timeout_s, cfg.connect_timeout_s)
+    raw = make_client(redis, cfg)
     value = make_value(size_mb, 7)
     key = chunk_key("bench-model", "bench", value.meta.token_ids)
     blob = encode_entry(value, get_codec("raw"))

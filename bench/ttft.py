@@ -140,7 +140,8 @@ def main() -> None:
             disk = ContextEngine(adapter, DiskTier(DiskConfig(path=path, fsync=True)),
                                  EngineConfig(promote_after_load=False))
             disk.warm(chunks)
-            disk.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request))[0])
+            disk.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request), request.lookup[0])[0],
+                                    namespace=request.lookup[0])
             measure("blend_0.15_disk", disk, disk.strategy("blend", BlendConfig(ratio=0.15)),
                     before=lambda: drop_dir_from_page_cache(path), tier="disk (page cache dropped)")
             disk.store.close()
@@ -148,7 +149,8 @@ def main() -> None:
             disk_cg = ContextEngine(adapter, DiskTier(DiskConfig(path=cachegen_path, fsync=True, codec="cachegen")),
                                     EngineConfig(promote_after_load=False))
             disk_cg.warm(chunks)
-            disk_cg.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request))[0])
+            disk_cg.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request), request.lookup[0])[0],
+                                    namespace=request.lookup[0])
             measure("blend_0.15_disk_cachegen", disk_cg, disk_cg.strategy("blend", BlendConfig(ratio=0.15)),
                     before=lambda: drop_dir_from_page_cache(cachegen_path),
                     tier="disk, cachegen level 2 (page cache dropped)")
@@ -161,7 +163,8 @@ def main() -> None:
             remote = ContextEngine(adapter, RedisTier(RedisConfig(url=server.url)),
                                    EngineConfig(promote_after_load=False))
             remote.warm(chunks)
-            remote.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request))[0])
+            remote.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request), request.lookup[0])[0],
+                                    namespace=request.lookup[0])
             measure("blend_0.15_redis", remote, remote.strategy("blend", BlendConfig(ratio=0.15)),
                     tier="redis (loopback, raw codec)")
             remote.store.close()

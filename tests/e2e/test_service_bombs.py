@@ -81,7 +81,7 @@ def test_crafted_headers_never_make_the_server_allocate(server: dict[str, Any]) 
         header = read_header(genuine)
         client.post("/v1/generate", json={"query": "Q k1 ?", "documents": [text], "max_new_tokens": 2})
         baseline = peak_rss(server["pid"])
-        layers, _, heads, tokens, dim = header.shape
+        layers, _, heads, _, dim = header.shape
         meta = {"fingerprint": header.meta.fingerprint, "token_ids": list(header.meta.token_ids), "position": 1,
                 "dtype": header.meta.dtype, "rope": True, "extra": {}}
         huge = [layers, 2, heads, 1 << 26, dim]
