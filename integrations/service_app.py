@@ -18,14 +18,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 try:
     import anyio
-    from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from fastapi.security import APIKeyHeader, HTTPBearer
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 except ImportError as exc:  # pragma: no cover - part of every dev install
     raise ImportError("the ragkv service needs fastapi and uvicorn: pip install 'ragkv[service]'") from exc
 
@@ -42,20 +41,17 @@ from ragkv.integrations.answers import (
 )
 from ragkv.integrations.metrics import Metrics
 from ragkv.integrations.runtime import RagRuntime
-from ragkv.integrations.service_http import TENANT_SCOPE_KEY, GuardMiddleware, ServiceLimits, sse
+from ragkv.integrations.service_chunks import add_chunk_routes
+from ragkv.integrations.service_deps import TenantDep, check_text, error_responses, printable
+from ragkv.integrations.service_http import GuardMiddleware, ServiceLimits, sse
 from ragkv.integrations.service_models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChunkPutResponse,
     DocumentField,
     DocumentRef,
-    ErrorBody,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
-    LookupRequest,
-    LookupResponse,
-    LookupResult,
     ModelList,
     WarmRequest,
     WarmResponse,
@@ -68,15 +64,10 @@ from ragkv.kvstore import (
     ModelMismatch,
     RagKVError,
     TierUnavailable,
-    check_key,
-    key_namespace,
-    read_header,
 )
 from ragkv.middleware.prompt_template import ChatTurn
 
 log = logging.getLogger(__name__)
-DOWNLOAD_SLICE = 4 << 20  # blobs up to this size go out in one piece (no copy); larger ones stream
-KEY_DOC = "Store key '<namespace>:<name>' (both parts of [A-Za-z0-9._-]); your namespace or 'shared'"
 
 
 @dataclass
@@ -93,54 +84,6 @@ class ServiceState:
     upload_slots: int = 4  # chunk uploads buffered at once; memory is bounded by this times max_chunk_bytes
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {401: "Missing or invalid API key", 403: "Namespace not accessible with this API key",
-            404: "Chunk not found", 413: "Request body too large, or over the tenant's quota", 415: "Wrong content type",
-            422: "Malformed key, body or parameters", 429: "Model busy: too many requests waiting"}
-    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
-
-
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <API key>")
-
-
-async def _tenant(request: Request, _bearer_credentials: Annotated[Any, Security(_bearer)] = None,
-                  _key: Annotated[Any, Security(_api_key)] = None) -> Tenant:
-    """The tenant ``GuardMiddleware`` authenticated (the Security parameters only document the schemes).
-    Async on purpose: FastAPI runs sync dependencies in a worker thread, a hop per request for nothing."""
-    tenant = request.scope.get(TENANT_SCOPE_KEY)
-    if tenant is None:
-        raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    return tenant
-
-
-# Parameter types of the routes (module level: annotations are resolved in the module's namespace).
-KeyParam = Annotated[str, Path(description=KEY_DOC, max_length=200)]
-TenantDep = Annotated[Tenant, Depends(_tenant)]
-
-
-def _check_text(text: str, what: str, limit: int) -> str:
-    if len(text) > limit:
-        raise ConfigError(f"{what} has {len(text)} characters; the limit is {limit}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ConfigError(f"{what} is not valid Unicode text") from exc
-    return text
-
-
-def _printable(text: str) -> str:
-    """``text`` as valid UTF-8 (lone surrogates escaped), so an error message can always be sent."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _key(key: str) -> str:
-    try:
-        return check_key(key)
-    except ConfigError as exc:
-        raise HTTPException(422, str(exc)) from exc
-
-
 def create_app(state: ServiceState) -> FastAPI:
     """Build the app. The caller owns ``state.runtime`` (and closes it)."""
     runtime, limits, metrics = state.runtime, state.limits, state.metrics
@@ -155,13 +98,13 @@ def create_app(state: ServiceState) -> FastAPI:
     # -- errors -------------------------------------------------------------------------------------------------
     def handler(status: int, headers: dict[str, str] | None = None) -> Callable[..., Any]:
         async def handle(_request: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": _printable(str(exc))}, status_code=status, headers=headers)
+            return JSONResponse({"detail": printable(str(exc))}, status_code=status, headers=headers)
         return handle
 
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         """422 naming each problem by location and message, never echoing the input: an input holding NaN
         or a lone surrogate could not be rendered, and the handler itself must not fail."""
-        errors = [{"loc": [str(part) for part in e.get("loc", ())], "msg": _printable(str(e.get("msg", ""))),
+        errors = [{"loc": [str(part) for part in e.get("loc", ())], "msg": printable(str(e.get("msg", ""))),
                    "type": str(e.get("type", ""))} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
@@ -177,106 +120,16 @@ def create_app(state: ServiceState) -> FastAPI:
     app.add_exception_handler(TierUnavailable, handler(503, {"Retry-After": "5"}))
     app.add_exception_handler(RagKVError, handler(422))
 
-    # -- chunks -------------------------------------------------------------------------------------------------
-
-    @app.put("/v1/chunks/{key}", status_code=201, response_model=ChunkPutResponse, tags=["chunks"],
-             summary="Store a chunk's container blob", responses=_errors(401, 403, 413, 415, 422),
-             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
-                 "schema": {"type": "string", "format": "binary"}}}}})
-    async def put_chunk(request: Request, key: KeyParam, tenant: TenantDep,
-                        ttl_s: Annotated[float | None, Query(gt=0, le=10 * 365 * 86400)] = None) -> ChunkPutResponse:
-        key = _key(key)
-        if not tenant.can_write(key):
-            raise Forbidden(f"namespace of {key} is not writable with this API key (blobs go into 'shared' only "
-                            "with the admin role; publish shared chunks from text with /v1/warm)")
-        async with upload_slots:
-            blob = await request.body()
-
-            def store() -> Any:
-                # checksum, header and limits first (CorruptEntry -> 422), then what this server would store
-                # under this key; the blob is stored as it is, never decoded on the way in.
-                header = read_header(blob, runtime.store.limits, key)
-                runtime.check_blob(key, header)
-                quotas.check_write(tenant, key_namespace(key), len(blob))
-                runtime.store.put_blob(key, blob, ttl_s=ttl_s)
-                return header
-
-            header = await anyio.to_thread.run_sync(store)  # checksums of large blobs stay off the event loop
-        metrics.add_chunk_bytes("received", len(blob), tenant.name)
-        return ChunkPutResponse(key=key, bytes=len(blob), tokens=len(header.meta.token_ids), codec=header.codec)
-
-    def _readable(tenant: Tenant, key: str) -> str:
-        key = _key(key)
-        if not tenant.can_read(key):
-            raise Forbidden(f"namespace of {key} is not readable with this API key")
-        return key
-
-    @app.get("/v1/chunks/{key}", tags=["chunks"], summary="Download a chunk's container blob",
-             response_class=Response, responses={200: {"content": {"application/octet-stream": {
-                 "schema": {"type": "string", "format": "binary"}}}, "description": "The container blob"},
-                 **_errors(401, 403, 404, 422)})
-    async def get_chunk(key: KeyParam, tenant: TenantDep) -> Response:
-        key = _readable(tenant, key)
-        blob = await anyio.to_thread.run_sync(runtime.store.get_blob, key)
-        if blob is None:
-            raise NotFound(f"chunk {key} is not in the store")
-        metrics.add_chunk_bytes("sent", len(blob), tenant.name)
-
-        async def body() -> AsyncIterator[bytes]:
-            if len(blob) <= DOWNLOAD_SLICE:
-                yield blob
-                return
-            view = memoryview(blob)
-            for start in range(0, len(blob), DOWNLOAD_SLICE):
-                yield bytes(view[start:start + DOWNLOAD_SLICE])
-
-        return StreamingResponse(body(), media_type="application/octet-stream",
-                                 headers={"Content-Length": str(len(blob))})
-
-    @app.head("/v1/chunks/{key}", tags=["chunks"], summary="Whether a chunk is stored, its size and tier",
-              response_class=Response, responses=_errors(401, 403, 404, 422))
-    async def head_chunk(key: KeyParam, tenant: TenantDep) -> Response:
-        key = _readable(tenant, key)
-
-        def look() -> tuple[str | None, int | None]:
-            tier = runtime.store.locate(key)
-            blob = runtime.store.get_blob(key) if tier is not None else None
-            return tier, None if blob is None else len(blob)
-
-        tier, size = await anyio.to_thread.run_sync(look)
-        if tier is None or size is None:
-            return Response(status_code=404)
-        return Response(status_code=200, media_type="application/octet-stream",
-                        headers={"Content-Length": str(size), "X-Ragkv-Tier": tier})
-
-    @app.delete("/v1/chunks/{key}", status_code=204, tags=["chunks"], summary="Delete a chunk from every tier",
-                response_class=Response, responses=_errors(401, 403, 404, 422))
-    async def delete_chunk(key: KeyParam, tenant: TenantDep) -> Response:
-        key = _key(key)
-        if not tenant.can_delete(key):
-            raise Forbidden(f"chunks of {key.split(':')[0]!r} cannot be deleted with this API key")
-        removed = await anyio.to_thread.run_sync(runtime.store.delete, key)
-        if not removed:
-            raise NotFound(f"chunk {key} is not in the store")
-        return Response(status_code=204)
-
-    @app.post("/v1/chunks/lookup", response_model=LookupResponse, tags=["chunks"],
-              summary="Which keys are stored, and in which tier", responses=_errors(401, 403, 413, 415, 422))
-    async def lookup(body: LookupRequest, tenant: TenantDep) -> LookupResponse:
-        if len(body.keys) > limits.max_lookup_keys:
-            raise ConfigError(f"{len(body.keys)} keys; the limit is {limits.max_lookup_keys}")
-        keys = [_readable(tenant, k) for k in body.keys]
-        tiers = await anyio.to_thread.run_sync(lambda: [runtime.store.locate(k) for k in keys])
-        return LookupResponse(results=[LookupResult(key=k, present=t is not None, tier=t) for k, t in zip(keys, tiers)])
+    add_chunk_routes(app, runtime, metrics, quotas, limits, upload_slots)
 
     # -- warm ---------------------------------------------------------------------------------------------------
     @app.post("/v1/warm", response_model=WarmResponse, tags=["rag"],
               summary="Compute and store the KV of chunk texts (already stored ones are skipped)",
-              responses=_errors(401, 403, 413, 415, 422, 429))
+              responses=error_responses(401, 403, 413, 415, 422, 429))
     async def warm(body: WarmRequest, tenant: TenantDep) -> WarmResponse:
         if len(body.texts) > limits.max_warm_texts:
             raise ConfigError(f"{len(body.texts)} texts; the limit is {limits.max_warm_texts}")
-        texts = [_check_text(t, f"text {i}", limits.max_text_chars) for i, t in enumerate(body.texts)]
+        texts = [check_text(t, f"text {i}", limits.max_text_chars) for i, t in enumerate(body.texts)]
         namespace = tenant.write_namespace(body.shared)
         if body.pin and not tenant.pin:
             raise Forbidden(f"tenant {tenant.name!r} may not pin chunks (the pin role)")
@@ -299,9 +152,9 @@ def create_app(state: ServiceState) -> FastAPI:
         for i, item in enumerate(items):
             if isinstance(item, DocumentRef):
                 out.append(Document(key=item.key) if item.key is not None else
-                           Document(text=_check_text(str(item.text), f"document {i}", limits.max_text_chars)))
+                           Document(text=check_text(str(item.text), f"document {i}", limits.max_text_chars)))
             else:
-                out.append(Document(text=_check_text(item, f"document {i}", limits.max_text_chars)))
+                out.append(Document(text=check_text(item, f"document {i}", limits.max_text_chars)))
         return out
 
     def options(body: Any, max_new_tokens: int, stop: Sequence[str]) -> GenerationOptions:
@@ -309,15 +162,15 @@ def create_app(state: ServiceState) -> FastAPI:
             raise ConfigError(f"max_new_tokens {max_new_tokens} exceeds the limit of {limits.max_new_tokens}")
         return GenerationOptions(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
                                  top_k=body.top_k, seed=body.seed,
-                                 stop=tuple(_check_text(s, "a stop string", 256) for s in stop))
+                                 stop=tuple(check_text(s, "a stop string", 256) for s in stop))
 
     def answer_request(tenant: Tenant, body: Any, query: str, system: str | None, docs: list[Document],
                        generation: GenerationOptions, history: tuple[ChatTurn, ...] = ()) -> AnswerRequest:
         for turn in history:
-            _check_text(turn.content, f"a {turn.role} message", limits.max_text_chars)
+            check_text(turn.content, f"a {turn.role} message", limits.max_text_chars)
         namespace = tenant.write_namespace(body.shared)
-        return AnswerRequest(query=_check_text(query, "the query", limits.max_text_chars), history=history,
-                             documents=docs, system=_check_text(system, "the system text", limits.max_text_chars)
+        return AnswerRequest(query=check_text(query, "the query", limits.max_text_chars), history=history,
+                             documents=docs, system=check_text(system, "the system text", limits.max_text_chars)
                              if system else None, namespace=namespace, readable_namespaces=tenant.readable(),
                              lookup_namespaces=tenant.lookup_order(), store_budget_bytes=quotas.room(tenant, namespace),
                              strategy=body.strategy, strategy_params=body.strategy_params, generation=generation)
@@ -385,7 +238,7 @@ def create_app(state: ServiceState) -> FastAPI:
               summary="Answer a query over documents (texts or chunk keys) with a cache strategy",
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                "description": "JSON, or server-sent events (token, done) when stream is true"},
-                         **_errors(401, 403, 404, 413, 415, 422, 429)})
+                         **error_responses(401, 403, 404, 413, 415, 422, 429)})
     async def generate(body: GenerateRequest, tenant: TenantDep) -> Any:
         max_new = body.max_new_tokens or min(64, limits.max_new_tokens)
         history = tuple(ChatTurn(t.role, t.content) for t in body.history)
@@ -405,7 +258,7 @@ def create_app(state: ServiceState) -> FastAPI:
               summary="OpenAI-compatible chat completions, answered from cached document KV",
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                "description": "chat.completion, or chat.completion.chunk events when streaming"},
-                         **_errors(401, 403, 404, 413, 415, 422, 429)})
+                         **error_responses(401, 403, 404, 413, 415, 422, 429)})
     async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep) -> Any:
         system, history, query = body.turns()
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -454,14 +307,14 @@ def create_app(state: ServiceState) -> FastAPI:
                 "usage": usage(a), "ragkv": extras(a)}
 
     @app.get("/v1/models", response_model=ModelList, tags=["rag"], summary="The model this server answers with",
-             responses=_errors(401))
+             responses=error_responses(401))
     async def list_models(tenant: TenantDep) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": runtime.info.name, "object": "model", "created": started,
                                             "owned_by": "ragkv"}]}
 
     # -- observability ------------------------------------------------------------------------------------------
     @app.get("/v1/stats", tags=["observability"], summary="Store, cache and service statistics (JSON)",
-             responses=_errors(401))
+             responses=error_responses(401))
     async def stats(tenant: TenantDep) -> dict[str, Any]:
         store_stats = await anyio.to_thread.run_sync(runtime.store.stats)
         usage = await anyio.to_thread.run_sync(runtime.store.usage, tenant.namespace)

@@ -28,15 +28,16 @@ from typing import Any, TypeVar
 
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.container import decode_entry, encode_entry, read_header, rewrite_header
-from ragkv.kvstore.errors import ConfigError, CorruptEntry, TierUnavailable
+from ragkv.kvstore.errors import CorruptEntry, TierUnavailable
 from ragkv.kvstore.header_schema import EntryHeader
 from ragkv.kvstore.policy import fair_victims, make_policy
-from ragkv.kvstore.tiers.base import Tier, TierConfig, expiry_time, register_tier
+from ragkv.kvstore.tiers.base import Tier, expiry_time, register_tier
 from ragkv.kvstore.tiers.disk_files import (
     ENTRY_SUFFIX,
     NAMESPACE_DIRS,
     STALE_TMP_AGE_S,
     TMP_SUFFIX,
+    DiskConfig,
     FileRead,
     name_hash,
     read_file,
@@ -48,31 +49,6 @@ from ragkv.kvstore.tiers.disk_files import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class DiskConfig(TierConfig):
-    """``path``: the cache directory (created if missing). ``fsync``: fsync each file before its rename and
-    the directory after, so a power loss keeps whole entries or none (off: faster puts, and a crash of the
-    machine may lose recent entries, though never expose a partial one to a reader that validates).
-    ``rescan_interval_s``: how often, at most, an over-capacity put re-reads sizes from the directory to
-    account for other processes sharing it."""
-
-    path: str = ""
-    fsync: bool = True
-    rescan_interval_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.path, os.PathLike):
-            object.__setattr__(self, "path", os.fspath(self.path))
-        if not isinstance(self.path, str) or not self.path.strip():
-            raise ConfigError(f"DiskConfig.path is required: a non-empty directory path, got {self.path!r}")
-        if not isinstance(self.fsync, bool):
-            raise ConfigError(f"DiskConfig.fsync must be True or False, got {self.fsync!r}")
-        if (not isinstance(self.rescan_interval_s, (int, float)) or isinstance(self.rescan_interval_s, bool)
-                or self.rescan_interval_s < 0):
-            raise ConfigError(f"DiskConfig.rescan_interval_s must be a number >= 0, got {self.rescan_interval_s!r}")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Files of the ``disk`` tier: entry paths, whole-file reads, the directory scan, fsync helpers.
+"""The ``disk`` tier's config and files: entry paths, whole-file reads, atomic writes, the directory scan.
 
 Kept apart from the tier so ``disk.py`` holds only cache semantics (index, capacity, eviction).
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ragkv.kvstore.chunk import check_key
 from ragkv.kvstore.errors import ConfigError, TierUnavailable
+from ragkv.kvstore.tiers.base import TierConfig
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,31 @@ STALE_TMP_AGE_S = 600.0  # a temp file this old cannot belong to a live writer (
 # so the escaped spellings cannot collide with a real namespace.
 NAMESPACE_DIRS = {".": "%2E", "..": "%2E%2E"}
 DIR_NAMESPACES = {v: k for k, v in NAMESPACE_DIRS.items()}
+
+
+@dataclass(frozen=True)
+class DiskConfig(TierConfig):
+    """``path``: the cache directory (created if missing). ``fsync``: fsync each file before its rename and
+    the directory after, so a power loss keeps whole entries or none (off: faster puts, and a crash of the
+    machine may lose recent entries, though never expose a partial one to a reader that validates).
+    ``rescan_interval_s``: how often, at most, an over-capacity put re-reads sizes from the directory to
+    account for other processes sharing it."""
+
+    path: str = ""
+    fsync: bool = True
+    rescan_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.path, os.PathLike):
+            object.__setattr__(self, "path", os.fspath(self.path))
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ConfigError(f"DiskConfig.path is required: a non-empty directory path, got {self.path!r}")
+        if not isinstance(self.fsync, bool):
+            raise ConfigError(f"DiskConfig.fsync must be True or False, got {self.fsync!r}")
+        if (not isinstance(self.rescan_interval_s, (int, float)) or isinstance(self.rescan_interval_s, bool)
+                or self.rescan_interval_s < 0):
+            raise ConfigError(f"DiskConfig.rescan_interval_s must be a number >= 0, got {self.rescan_interval_s!r}")
 
 
 @dataclass(frozen=True)

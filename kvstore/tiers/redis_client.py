@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -249,6 +250,38 @@ def make_client(redis: ModuleType, config: RedisConfig) -> Any:
         retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1),
         **common,
     )
+
+
+BATCH_KEYS = 256  # commands per pipeline round trip
+BATCH_BYTES = 64 * 2**20  # bytes of values per put pipeline, so put_many never buffers unbounded memory
+
+
+def pipeline_batches(redis: ModuleType, client: Any, cluster: bool, rkeys: Sequence[str],
+                     sizes: Sequence[int] | None = None) -> list[list[int]]:
+    """Index groups of ``rkeys`` to pipeline: bounded in keys (and bytes), and on a cluster one master each
+    (from the client's cached slot map, no I/O), so a dead master costs the keys it owns, not the batch."""
+    groups: dict[str, list[int]] = {}
+    for i, rkey in enumerate(rkeys):
+        node = ""
+        if cluster and client is not None:
+            try:
+                node = client.get_node_from_key(rkey).name
+            except redis.exceptions.RedisClusterException:
+                node = ""  # slot not in the map yet: the cluster pipeline routes it
+        groups.setdefault(node, []).append(i)
+    batches: list[list[int]] = []
+    for indexes in groups.values():
+        batch: list[int] = []
+        nbytes = 0
+        for i in indexes:
+            batch.append(i)
+            nbytes += sizes[i] if sizes is not None else 0
+            if len(batch) >= BATCH_KEYS or nbytes >= BATCH_BYTES:
+                batches.append(batch)
+                batch, nbytes = [], 0
+        if batch:
+            batches.append(batch)
+    return batches
 
 
 def close_client(client: Any, cluster: bool) -> None:

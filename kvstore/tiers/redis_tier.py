@@ -31,6 +31,7 @@ from ragkv.kvstore.tiers.redis_client import (
     close_client,
     import_redis,
     make_client,
+    pipeline_batches,
     redact_url,
 )
 
@@ -38,8 +39,6 @@ _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_BATCH_KEYS = 256  # commands per pipeline round trip
-_BATCH_BYTES = 64 * 2**20  # bytes of values per put pipeline, so put_many never buffers unbounded memory
 _SCAN_COUNT = 1000
 
 
@@ -122,33 +121,6 @@ class RedisTier(Tier):
     def _rkey(self, key: str) -> str:
         return self._prefix + key
 
-    def _batches(self, keys: Sequence[str], sizes: Sequence[int] | None = None) -> list[list[int]]:
-        """Index groups to pipeline: bounded in keys (and bytes), and on a cluster one master each, so a
-        dead master costs the keys it owns and not the whole batch."""
-        groups: dict[str, list[int]] = {}
-        client = self._client
-        for i, key in enumerate(keys):
-            node = ""
-            if self._address.cluster and client is not None:
-                try:
-                    node = client.get_node_from_key(self._rkey(key)).name  # the cached slot map: no I/O
-                except self._redis.exceptions.RedisClusterException:
-                    node = ""  # slot not in the map yet: the cluster pipeline routes it
-            groups.setdefault(node, []).append(i)
-        batches: list[list[int]] = []
-        for indexes in groups.values():
-            batch: list[int] = []
-            nbytes = 0
-            for i in indexes:
-                batch.append(i)
-                nbytes += sizes[i] if sizes is not None else 0
-                if len(batch) >= _BATCH_KEYS or nbytes >= _BATCH_BYTES:
-                    batches.append(batch)
-                    batch, nbytes = [], 0
-            if batch:
-                batches.append(batch)
-        return batches
-
     def _pipelined(
         self, op: str, keys: Sequence[str], command: Callable[[Any, int], Any],
         sizes: Sequence[int] | None = None,
@@ -156,7 +128,8 @@ class RedisTier(Tier):
         """Run ``command(pipe, index)`` for every key, batch by batch; a batch that fails is (indexes, None)
         and counts one error per key."""
         results: list[tuple[list[int], list[Any] | None]] = []
-        for batch in self._batches(keys, sizes):
+        for batch in pipeline_batches(self._redis, self._client, self._address.cluster,
+                                      [self._rkey(k) for k in keys], sizes):
             def run(client: Any, batch: list[int] = batch) -> list[Any]:
                 if len(batch) == 1:
                     return [command(client, batch[0])]

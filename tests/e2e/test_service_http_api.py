@@ -150,10 +150,10 @@ def test_large_chunk_streams_with_content_length(service: Any, alice: httpx.Clie
     import torch
 
     from ragkv.codecs import get_codec
-    from ragkv.integrations import service_app
+    from ragkv.integrations import service_chunks
     from ragkv.kvstore import ChunkKV, ChunkMeta, encode_entry
 
-    monkeypatch.setattr(service_app, "DOWNLOAD_SLICE", 64 << 10)  # the blob below spans several slices
+    monkeypatch.setattr(service_chunks, "DOWNLOAD_SLICE", 64 << 10)  # the blob below spans several slices
     adapter = service.state.runtime.adapter
     ids = [7 + (uuid.uuid4().int + i) % 50 for i in range(600)]
     shape = (adapter.num_layers, 2, adapter.num_kv_heads, len(ids), adapter.head_dim)
