@@ -221,7 +221,8 @@ class TieredStore:
         raised (nothing left written); ``StoreClosed`` after ``close``."""
         check_key(key)
         expires_at = expiry_time(ttl_s)
-        if not bool(torch.isfinite(chunk.kv).all()):
+        if chunk.kv.numel() and not all(bool(torch.isfinite(v)) for v in torch.aminmax(chunk.kv)):
+            # aminmax: one pass, no tensor-sized temporary (isfinite().all() is ~30x slower here)
             raise ConfigError(f"chunk {key} holds non-finite KV (NaN or inf); refusing to store it")
         with _Writer(self):
             with self._key_lock(key):
