@@ -63,7 +63,10 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _check_nesting(text: str) -> None:
-    """Bound bracket depth before ``json.loads`` recurses (brackets inside strings count too: conservative)."""
+    """Bound bracket depth before ``json.loads`` recurses (brackets inside strings count too: conservative).
+    A real header has a handful of brackets, so counting them (at C speed) settles it without the scan."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return
     depth = 0
     for ch in text:
         if ch in "[{":
@@ -100,7 +103,8 @@ def parse_meta(d: object) -> ChunkMeta:
     if not isinstance(d, dict):
         raise TypeError("meta is not an object")
     token_ids = d.get("token_ids")
-    if not isinstance(token_ids, list) or not all(is_int(t, 0, MAX_TOKEN_ID) for t in token_ids):
+    if not isinstance(token_ids, list) or (token_ids and (set(map(type, token_ids)) != {int} or min(token_ids) < 0
+                                                          or max(token_ids) > MAX_TOKEN_ID)):
         raise TypeError(f"meta.token_ids must be a list of integers in [0, {MAX_TOKEN_ID}]")
     position = d.get("position")
     if not is_int(position, 0, MAX_POSITION):
