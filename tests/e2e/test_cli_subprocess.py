@@ -11,7 +11,6 @@ import os
 import queue
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,15 +19,11 @@ from typing import IO, Any
 
 import httpx
 import pytest
+from serve_process import ragkv_command, stop
 
 from ragkv.integrations.cli import main as cli_main
 
 START_TIMEOUT_S = 240
-
-
-def _ragkv() -> list[str]:
-    script = Path(sys.executable).with_name("ragkv")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ragkv.integrations.cli"]
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -52,7 +47,7 @@ def _lines(stream: IO[str]) -> queue.Queue[str | None]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     cache = tmp_path_factory.mktemp("serve-cache")
-    proc = subprocess.Popen([*_ragkv(), "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([*ragkv_command(), "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=_env(cache))
     lines = _lines(proc.stdout)  # type: ignore[arg-type]
     seen: list[str] = []
@@ -77,12 +72,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         assert "url" in info and "curl" in info, "\n".join(seen)
         yield info
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def test_serve_prints_url_and_a_request_answered_from_the_cache(served: dict[str, Any]) -> None:
@@ -104,7 +94,7 @@ def test_serve_prints_url_and_a_request_answered_from_the_cache(served: dict[str
 
 
 def test_ask_against_the_running_service(served: dict[str, Any]) -> None:
-    proc = subprocess.run([*_ragkv(), "ask", "--url", served["url"], "--sample", "0", "--json"], capture_output=True,
+    proc = subprocess.run([*ragkv_command(), "ask", "--url", served["url"], "--sample", "0", "--json"], capture_output=True,
                           text=True, env=_env(served["cache"]), timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)["result"]
@@ -118,19 +108,19 @@ def test_warm_then_ask_with_the_builtin_index(tmp_path: Path) -> None:
     jsonl = tmp_path / "corpus.jsonl"
     jsonl.write_text("".join(json.dumps({"chunks": list(q.chunks)}) + "\n" for q in corpus.questions[:6]))
     env, index = _env(tmp_path / "cache"), tmp_path / "index"
-    warm = subprocess.run([*_ragkv(), "warm", str(jsonl), "--index", str(index), "--embedder", "hashing"],
+    warm = subprocess.run([*ragkv_command(), "warm", str(jsonl), "--index", str(index), "--embedder", "hashing"],
                           capture_output=True, text=True, env=env, timeout=300, check=False)
     assert warm.returncode == 0, warm.stderr[-2000:]
     chunks = sum(len(q.chunks) for q in corpus.questions[:6])
     assert f"warmed {chunks} chunks" in warm.stdout and f"{chunks} computed" in warm.stdout
     assert "warm [" in warm.stderr and "100.0%" in warm.stderr  # the progress bar
     q = corpus.questions[0]
-    ask = subprocess.run([*_ragkv(), "ask", q.question, "--index", str(index), "-k", "4", "--max-new-tokens", "1"],
+    ask = subprocess.run([*ragkv_command(), "ask", q.question, "--index", str(index), "-k", "4", "--max-new-tokens", "1"],
                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert ask.returncode == 0, ask.stderr[-2000:]
     assert "answer:" in ask.stdout and "TTFT" in ask.stdout and "prepare" in ask.stdout
     assert "documents: 4 of 4 from the cache (disk: 4)" in ask.stdout  # a new process: read back from disk
-    stats = subprocess.run([*_ragkv(), "stats"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    stats = subprocess.run([*ragkv_command(), "stats"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert stats.returncode == 0 and json.loads(stats.stdout)["tiers"]["disk"]["entries"] == chunks
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from serve_process import ragkv_command, stop
 
 from ragkv.kvstore import read_header
 from ragkv.kvstore.container import MAGIC
@@ -47,9 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     if not Path("/proc/self/status").exists():
         pytest.skip("peak memory is read from /proc")
     disk = tmp_path_factory.mktemp("bomb-disk")
-    script = Path(sys.executable).with_name("ragkv")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ragkv.integrations.cli"]
-    proc = subprocess.Popen([*cmd, "serve", "--model", "toy", "--port", "0", "--no-sample",
+    proc = subprocess.Popen([*ragkv_command(), "serve", "--model", "toy", "--port", "0", "--no-sample",
                              "--store", f"host:64MB,disk:{disk}:1GB"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = None
@@ -65,12 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         assert url is not None, "ragkv serve did not start"
         yield {"url": url, "pid": proc.pid, "disk": disk}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def test_crafted_headers_never_make_the_server_allocate(server: dict[str, Any]) -> None:
