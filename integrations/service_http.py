@@ -160,7 +160,7 @@ class GuardMiddleware:
 
         try:
             await self._guarded(scope, receive, send_tracking)
-        except Exception:  # noqa: BLE001 - answered as a 500 here, so the keep-alive connection survives
+        except Exception:  # answered as a 500 here, so the keep-alive connection survives
             log.exception("unhandled error answering %s %s", scope.get("method"), scope.get("path"))
             if started["response"]:
                 raise  # a streamed body already started: nothing but closing the connection can end it
