@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from dataclasses import replace
 
 from ragkv.codecs import Codec, CodecError, get_codec
 from ragkv.codecs.base import DTYPE_NAMES, dtype_from_name
@@ -132,20 +133,40 @@ def decode_entry(blob: bytes | bytearray | memoryview, limits: EntryLimits | Non
     return header, ChunkKV(kv, header.meta)
 
 
-def rewrite_header(blob: bytes | bytearray | memoryview, *, expires_at: float | None,
-                   limits: EntryLimits | None = None, key: str | None = None) -> bytes:
-    """``blob`` with its header's ``expires_at`` replaced (validated first; the payload is copied once).
-    Given ``key``, the blob must have been written under it, or carry no key and get this one."""
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()  # ``rewrite_header``: leave the blob's expiry as it is
+
+
+def rewrite_header(blob: bytes | bytearray | memoryview, *, key: str | None, limits: EntryLimits | None = None,
+                   expires_at: float | None | _Keep = KEEP) -> tuple[EntryHeader, bytes]:
+    """Validate ``blob`` once (as ``read_header``) and return its header with the blob bound to ``key`` (which it
+    must carry already, or carry none) and given ``expires_at`` (``KEEP``: as it is). The payload is copied
+    only when the header changes."""
     hdr, payload = _split(blob)
     header = _checked_header(hdr, limits, key)
-    if header.expires_at == expires_at and (key is None or header.key == key):
-        return bytes(blob)
+    new_expiry = header.expires_at if isinstance(expires_at, _Keep) else expires_at
+    new_key = header.key if key is None else key
+    if new_expiry == header.expires_at and new_key == header.key:
+        return header, bytes(blob)
     d = json.loads(bytes(hdr))
-    d["expires_at"] = expires_at
-    if key is not None:
-        d["key"] = key
-    return _frame(_aligned_header(d), payload)
+    d["expires_at"], d["key"] = new_expiry, new_key
+    return replace(header, expires_at=new_expiry, key=new_key), _frame(_aligned_header(d), payload)
 
 
-__all__ = ["MAGIC", "OVERHEAD_BYTES", "VERSION", "EntryHeader", "EntryLimits", "decode_entry", "encode_entry",
-           "read_entry", "read_header", "rewrite_header"]
+__all__ = [
+    "KEEP",
+    "MAGIC",
+    "OVERHEAD_BYTES",
+    "VERSION",
+    "EntryHeader",
+    "EntryLimits",
+    "decode_entry",
+    "encode_entry",
+    "read_entry",
+    "read_header",
+    "rewrite_header",
+]

@@ -31,7 +31,7 @@ import torch
 
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.config import StoreConfig, resolve_config
-from ragkv.kvstore.container import decode_entry, encode_entry, read_header, rewrite_header
+from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, rewrite_header
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, StoreClosed, StoreWriteError
 from ragkv.kvstore.header_schema import EntryHeader, EntryLimits
 from ragkv.kvstore.tiers.base import Tier, expiry_time, make_tier
@@ -238,11 +238,9 @@ class TieredStore:
         under another key), never decoded when an encoded tier can hold it. Decoded tiers drop their old
         value of ``key`` and get the new one by promotion on the next read. Returns the header."""
         check_key(key)
-        expires_at = expiry_time(ttl_s)
-        header = read_header(blob, self.limits, key)
-        if ttl_s is None:
-            expires_at = header.expires_at
-        blob = rewrite_header(blob, expires_at=expires_at, limits=self.limits, key=key)
+        header, blob = rewrite_header(blob, key=key, limits=self.limits,
+                                      expires_at=KEEP if ttl_s is None else expiry_time(ttl_s))
+        expires_at = header.expires_at
         with _Writer(self), self._key_lock(key):
             if self._write_back is not None:
                 self._write_back.cancel(key)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ragkv.kvstore.chunk import ChunkKV, check_key
-from ragkv.kvstore.container import decode_entry, encode_entry, read_header, rewrite_header
+from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, read_header, rewrite_header
 from ragkv.kvstore.errors import CorruptEntry, TierUnavailable
 from ragkv.kvstore.header_schema import EntryHeader
 from ragkv.kvstore.policy import fair_victims, make_policy
@@ -207,13 +207,12 @@ class DiskTier(Tier):
         (storing nothing) if it does not validate or was written under another key."""
         check_key(key)
         with self.stats.timed("put"):
-            header = read_header(blob, self.limits, key)
-            expires_at = header.expires_at if ttl_s is None else expiry_time(ttl_s)
-            if header.expired() and ttl_s is None:
+            header, data = rewrite_header(blob, key=key, limits=self.limits,
+                                          expires_at=KEEP if ttl_s is None else expiry_time(ttl_s))
+            if header.expired():
                 self.delete(key)  # already dead: the old value must not stay either
                 return
-            self._store_counted(key, rewrite_header(blob, expires_at=expires_at, limits=self.limits, key=key),
-                                expires_at)
+            self._store_counted(key, data, header.expires_at)
 
     def _store_counted(self, key: str, blob: bytes | bytearray | memoryview, expires_at: float | None) -> None:
         try:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ragkv.kvstore.chunk import ChunkKV, check_key, check_namespace
-from ragkv.kvstore.container import decode_entry, encode_entry, read_header, rewrite_header
+from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, read_header, rewrite_header
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, TierUnavailable
 from ragkv.kvstore.policy import ExponentialBackoff
 from ragkv.kvstore.tiers.base import Tier, expiry_time, register_tier
@@ -331,19 +331,18 @@ class RedisTier(Tier):
         """Store a container blob as is. An invalid blob raises ``CorruptEntry``: that is the caller's bug,
         not a backend failure. Without ``ttl_s`` the blob keeps the expiry its header carries."""
         check_key(key)
-        header = read_header(blob, self.limits, key)
-        if ttl_s is not None:
-            ttl, expires_at = ttl_s, expiry_time(ttl_s)
-        elif header.expires_at is not None:
-            ttl, expires_at = header.expires_at - time.time(), header.expires_at
+        header, data = rewrite_header(blob, key=key, limits=self.limits,
+                                      expires_at=KEEP if ttl_s is None else expiry_time(ttl_s))
+        ttl = ttl_s
+        if ttl is None and header.expires_at is not None:
+            ttl = header.expires_at - time.time()
             if ttl <= 0:
                 self.stats.add(expired=1)
                 self.delete(key)  # already dead: the old value must not stay either
                 return
-        else:
+        elif ttl is None and self.config.default_ttl_s is not None:
             ttl = self.config.default_ttl_s
-            expires_at = expiry_time(ttl)
-        data = rewrite_header(blob, expires_at=expires_at, limits=self.limits, key=key)
+            data = rewrite_header(data, key=key, limits=self.limits, expires_at=expiry_time(ttl))[1]
         with self.stats.timed("put"):
             self._store_many([(key, data, ttl)])
 

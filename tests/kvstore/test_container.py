@@ -109,16 +109,17 @@ def test_newer_version_is_refused() -> None:
 def test_rewrite_header_changes_expiry_and_binds_a_key() -> None:
     c = chunk()
     blob = encode_entry(c, get_codec("raw"))
-    later = rewrite_header(blob, expires_at=99.0)
+    returned, later = rewrite_header(blob, key=None, expires_at=99.0)
     header, back = decode_entry(later)
-    assert header.expires_at == 99.0 and back.equals(c) and header.key is None
-    assert decode_entry(rewrite_header(later, expires_at=None))[0].expires_at is None
-    bound = rewrite_header(blob, expires_at=None, key="ns:a")
+    assert header == returned and header.expires_at == 99.0 and back.equals(c) and header.key is None
+    assert decode_entry(rewrite_header(later, key=None, expires_at=None)[1])[0].expires_at is None
+    assert rewrite_header(later, key=None) == (header, later)  # nothing to change: the same bytes
+    bound = rewrite_header(blob, key="ns:a")[1]
     assert decode_entry(bound, key="ns:a")[0].key == "ns:a"
     with pytest.raises(CorruptEntry, match="written under key"):
         decode_entry(bound, key="ns:b")
     with pytest.raises(CorruptEntry, match="written under key"):
-        rewrite_header(bound, expires_at=None, key="other:a")
+        rewrite_header(bound, key="other:a")
 
 
 def test_nothing_on_the_read_path_unpickles() -> None:
