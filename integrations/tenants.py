@@ -184,16 +184,16 @@ class QuotaCheck:
     def check_write(self, tenant: Tenant, namespace: str, nbytes: int, pin: bool = False) -> None:
         """``QuotaExceeded`` if writing ``nbytes`` more into ``namespace`` (pinned or not) breaks a quota. The
         shared namespace counts against nobody's quota (only admins and the server itself write there)."""
-        if namespace != tenant.namespace:
-            return
+        pinned_limit = tenant.pinned_quota_bytes if pin else None
+        if namespace != tenant.namespace or (tenant.quota_bytes is None and pinned_limit is None):
+            return  # nothing to count against (usage walks the namespace's entries)
         usage = self.store.usage(namespace)
         if tenant.quota_bytes is not None and usage["bytes"] + nbytes > tenant.quota_bytes:
             raise QuotaExceeded(f"tenant {tenant.name!r} holds {usage['bytes']} bytes; {nbytes} more would exceed "
                                 f"its quota of {tenant.quota_bytes}")
-        limit = tenant.pinned_quota_bytes
-        if pin and limit is not None and usage["pinned_bytes"] + nbytes > limit:
+        if pinned_limit is not None and usage["pinned_bytes"] + nbytes > pinned_limit:
             raise QuotaExceeded(f"tenant {tenant.name!r} has {usage['pinned_bytes']} pinned bytes; {nbytes} more "
-                                f"would exceed its pinned quota of {limit}")
+                                f"would exceed its pinned quota of {pinned_limit}")
 
     def room(self, tenant: Tenant, namespace: str) -> int | None:
         """Bytes ``namespace`` may still take under the tenant's quota (None: unbounded)."""
