@@ -86,7 +86,7 @@ def test_pinning_needs_the_pin_role(service: Any, alice: httpx.Client) -> None:
 def test_quotas_refuse_writes_past_them(service: Any) -> None:
     quota = service.state.registry.authenticate(service.keys["small"]).quota_bytes
     with service.client("small") as small:
-        pinned = small.post("/v1/warm", json={"texts": [_text("pinned " + "word " * 60)], "pin": True})
+        pinned = small.post("/v1/warm", json={"texts": [_text("pinned " + "word " * 32)], "pin": True})
         assert pinned.status_code == 413 and "pinned quota" in pinned.json()["detail"]
         assert small.post("/v1/warm", json={"texts": [_text("pinned")], "pin": True}).status_code == 200
         texts = [_text("quota " + "word " * 20) for _ in range(40)]
