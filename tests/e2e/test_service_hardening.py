@@ -96,7 +96,7 @@ def test_quotas_refuse_writes_past_them(service: Any) -> None:
         assert usage["bytes"] <= quota and usage["quota_bytes"] == quota
         first = statuses.index(413)
         assert all(s == 413 for s in statuses[first:])  # nothing more fits until something is deleted
-        refused = small.post("/v1/warm", json={"texts": [_text("more")]})
+        refused = small.post("/v1/warm", json={"texts": [_text("quota " + "word " * 20)]})
         assert refused.status_code == 413 and "quota" in refused.json()["detail"]
         answer = small.post("/v1/generate", json={"query": "Q k1 ?", "documents": [_text("over")],
                                                   "max_new_tokens": 1})
