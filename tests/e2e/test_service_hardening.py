@@ -98,7 +98,7 @@ def test_quotas_refuse_writes_past_them(service: Any) -> None:
         assert all(s == 413 for s in statuses[first:])  # nothing more fits until something is deleted
         refused = small.post("/v1/warm", json={"texts": [_text("quota " + "word " * 20)]})
         assert refused.status_code == 413 and "quota" in refused.json()["detail"]
-        answer = small.post("/v1/generate", json={"query": "Q k1 ?", "documents": [_text("over")],
+        answer = small.post("/v1/generate", json={"query": "Q k1 ?", "documents": [_text("over " + "word " * 20)],
                                                   "max_new_tokens": 1})
         assert answer.status_code == 200  # answers still come; their misses are just not stored
         assert small.get("/v1/stats").json()["usage"]["bytes"] == usage["bytes"]
