@@ -101,7 +101,8 @@ def make_adapter(loaded: LoadedModel, start_token_id: int | None = None) -> Any:
             and getattr(loaded.model.config, "bos_token_id", None) is None
             and (family_start is None or family_start not in tokenizer.get_vocab())):
         start_token_id = getattr(tokenizer, "eos_token_id", None)
-    return ModelAdapter(loaded.model, tokenizer, start_token_id=start_token_id, model_id=loaded.info.name)
+    return ModelAdapter(loaded.model, tokenizer, start_token_id=start_token_id, model_id=loaded.info.name,
+                        weights_digest=loaded.weights_digest)
 
 
 __all__ = [

@@ -118,11 +118,12 @@ class ModelAdapter:
     assembled prompt begins with: the tokenizer's BOS by default, else the config's ``bos_token_id``, else the
     family's start token (Qwen's ``<|endoftext|>``); models with none must name one. ``model_id`` (the model's
     name) is mixed into the fingerprint with the config, dtype, tokenizer vocabulary and a digest of every
-    weight.
+    weight (``weights_digest``: that digest, already known for these weights, e.g. from
+    ``ragkv.middleware.weights_cache``; computed when None).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, start_token_id: int | None = None,
-                 model_id: str | None = None) -> None:
+                 model_id: str | None = None, weights_digest: str | None = None) -> None:
         config = getattr(model, "config", None)
         if config is None:
             raise UnsupportedModel(f"{type(model).__name__} has no config; " + supported_summary())
@@ -154,7 +155,7 @@ class ModelAdapter:
         self.dtype_name = DTYPE_NAMES[self.dtype]
         self.start_token_id = self._resolve_start_token(start_token_id)
         self.model_id = model_id
-        self.fingerprint = self._fingerprint()
+        self.fingerprint = self._fingerprint(weights_digest)
 
     # -- identity ------------------------------------------------------------------------------------------
     def _resolve_start_token(self, start_token_id: int | None) -> int:
@@ -170,10 +171,10 @@ class ModelAdapter:
         raise ConfigError("the model has no BOS token; pass start_token_id= (the token every chunk is computed "
                           "behind, e.g. Qwen's <|endoftext|>)")
 
-    def _fingerprint(self) -> ModelFingerprint:
+    def _fingerprint(self, known_weights_digest: str | None) -> ModelFingerprint:
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _FINGERPRINT_IGNORED}
         cfg["ragkv_start_token_id"] = self.start_token_id
-        cfg["ragkv_weights"] = weights_digest(self.model)
+        cfg["ragkv_weights"] = known_weights_digest or weights_digest(self.model)
         if self.model_id is not None:
             cfg["ragkv_model_id"] = self.model_id
         vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else None

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.adapter import weights_digest
 from ragkv.middleware.gguf_conversion import GgufSource, ensure_converted
+from ragkv.middleware.weights_cache import WeightsDigestCache, files_identity
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TOY_MODEL = "toy"
@@ -51,6 +53,7 @@ class LoadedModel:
     model: Any  # a transformers *ForCausalLM
     tokenizer: Any
     info: ModelInfo
+    weights_digest: str | None = None  # of every weight as loaded from the folder's files (see weights_cache)
 
 
 def models_dir() -> Path:
@@ -92,7 +95,21 @@ def load_folder(directory: Path, *, name: str, kind: str, label: str, dtype: str
         raise ConfigError(f"cannot load the model in {directory}: {exc}") from exc
     info = ModelInfo(name=name, kind=kind, label=label, path=str(directory.resolve()),
                      parameters=sum(p.numel() for p in model.parameters()))
-    return LoadedModel(model.eval(), tokenizer, info)
+    return LoadedModel(model.eval(), tokenizer, info, folder_weights_digest(model, directory))
+
+
+def folder_weights_digest(model: Any, directory: Path) -> str | None:
+    """The digest of ``model``'s weights, remembered per weight files (``weights_cache``): hashed on the first
+    load of these files, read back on later loads."""
+    identity = files_identity(directory, str(model.dtype))
+    if identity is None:
+        return None
+    cache = WeightsDigestCache(models_dir() / "weights-digests.json")
+    digest = cache.get(identity)
+    if digest is None:
+        digest = weights_digest(model)
+        cache.put(identity, digest)
+    return digest
 
 
 def _load_smollm2(dtype: str | None) -> LoadedModel:
@@ -132,6 +149,7 @@ __all__ = [
     "SMOLLM2_SOURCE",
     "TOY_MODEL",
     "LoadedModel",
+    "folder_weights_digest",
     "ModelInfo",
     "load_folder",
     "load_model",
