@@ -196,3 +196,18 @@ def test_hostile_blob_corpus_over_http(service: Any, alice: httpx.Client) -> Non
         alice.delete(f"/v1/chunks/{key}")
     growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     assert growth < 256 << 20, f"the test process and its in-process server grew by {growth / 2**20:.0f} MiB"
+
+
+def test_shared_true_never_publishes_what_the_tenant_holds_privately(service: Any, alice: httpx.Client) -> None:
+    private, fresh = _text("private"), _text("fresh")
+    private_key = alice.post("/v1/warm", json={"texts": [private]}).json()["keys"][0]
+    answer = alice.post("/v1/generate", json={"query": "Q k1 ?", "documents": [private, fresh], "shared": True,
+                                              "max_new_tokens": 1}).json()
+    first, second = answer["documents"]
+    assert first["hit"] and first["key"] == private_key  # found in alice's own namespace first
+    assert not second["hit"] and second["key"].startswith("shared:")  # a real miss is published, as asked
+    runtime = service.state.runtime
+    shared_twin = runtime.key_for(private, "shared")
+    assert alice.post("/v1/chunks/lookup", json={"keys": [shared_twin, second["key"]]}).json()["results"] == [
+        {"key": shared_twin, "present": False, "tier": None},
+        {"key": second["key"], "present": True, "tier": "host"}]
