@@ -203,7 +203,7 @@ def independent_reuse_answers(model: LlamaForCausalLM, tokenizer: PreTrainedToke
         question = word_ids(tokenizer, example.question.split())
         position_ids = torch.arange(position, position + len(question)).unsqueeze(0)
         logits = model(input_ids=torch.tensor([question]), position_ids=position_ids,
-                       past_key_values=assembled, use_cache=True).logits
+                       cache=assembled, use_cache=True).logits
         answers.append(tokenizer.convert_ids_to_tokens(int(logits[0, -1].argmax())))
     return answers
 
