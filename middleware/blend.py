@@ -8,8 +8,9 @@ stay active (gradual filtering: by default ``2 * ratio`` after the first check l
 Selected rows are recomputed in the remaining layers and their K/V scattered into the cache; attention
 uses the exact causal mask.
 
-Why layers 1 and 2 by default: a study on a small trained model (docs/ALGORITHMS.md §2) found selection
-at layer 1 no better than random, while K deviation read at layer 2 ranked the broken tokens at the top.
+Why layers 2 and 3 by default: on the bundled trained model, deviation read at layer 1 missed a third of the
+broken cross-boundary tokens, while K deviation read at layers 2-3 ranked them at the top (``bench/RESULTS.md``,
+quality; the method is the team's ALGORITHMS.md §2).
 ``selector="random"`` is the control for such studies; any object with ``select(deviation, count, layer)``
 plugs in.
 """
