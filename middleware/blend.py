@@ -1,7 +1,7 @@
 """``blend``: CacheBlend selective recompute over re-rotated cached chunks.
 
 Layer 0 is computed in full for every chunk and query row (its K/V is exact anyway; its output feeds the
-check layers). At each check layer (default layers 1 and 2) the fresh K (or V, ``deviation="value"``) of the
+check layers). At each check layer (default layers 2 and 3) the fresh K (or V, ``deviation="value"``) of the
 still-active chunk rows is compared with their cached, re-rotated K (V) and only the highest-deviation rows
 stay active (gradual filtering: by default ``2 * ratio`` after the first check layer, narrowing linearly to
 ``ratio`` at the last). The query rows, and chunks recomputed from text (``auto``), are always active.
