@@ -78,6 +78,14 @@ class TieredStore:
     def _pending(self) -> dict[str, PendingWrite]:
         return self._write_back.pending if self._write_back is not None else {}
 
+    def _live_pending(self, key: str) -> PendingWrite | None:
+        """The value of ``key`` waiting for write-back, unless it expired meanwhile (then it is a miss; the
+        worker, finding it expired, removes the key from the slower tiers)."""
+        pending = self._pending.get(key)
+        if pending is None or (pending.expires_at is not None and time.time() >= pending.expires_at):
+            return None
+        return pending
+
     def _key_lock(self, key: str) -> threading.RLock:
         return self._key_locks[hash(key) % _KEY_LOCK_STRIPES]
 
@@ -96,7 +104,7 @@ class TieredStore:
         """The chunk, from the fastest tier holding it (promoted into faster tiers), or ``None``."""
         check_key(key)
         self._check_open()
-        pending = self._pending.get(key)
+        pending = self._live_pending(key)
         if pending is not None:
             self._count(hits=1)
             return pending.chunk
@@ -107,7 +115,7 @@ class TieredStore:
                 self._count(hits=1)
                 return chunk
         with self._key_lock(key):  # a delete or write of this key waits until the promotion is done
-            pending = self._pending.get(key)
+            pending = self._live_pending(key)
             if pending is not None:
                 self._count(hits=1)
                 return pending.chunk
@@ -143,7 +151,7 @@ class TieredStore:
         ``None``."""
         check_key(key)
         self._check_open()
-        pending = self._pending.get(key)
+        pending = self._live_pending(key)
         if pending is not None:
             return encode_entry(pending.chunk, self.tiers[-1].codec, pending.expires_at, key)
         for tier in self.tiers:
@@ -157,7 +165,7 @@ class TieredStore:
     def locate(self, key: str) -> str | None:
         """Name of the fastest tier that holds ``key``, or ``None``."""
         check_key(key)
-        if key in self._pending:
+        if self._live_pending(key) is not None:
             return self.names[0]
         for name, tier in zip(self.names, self.tiers):
             if tier.contains(key):
@@ -168,7 +176,7 @@ class TieredStore:
         return self.locate(key) is not None
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
-        found = [k in self._pending for k in keys]
+        found = [self._live_pending(k) is not None for k in keys]
         for tier in self.tiers:
             todo = [i for i, f in enumerate(found) if not f]
             if not todo:

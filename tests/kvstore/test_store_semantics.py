@@ -203,6 +203,18 @@ def test_ttl_travels_through_get_blob_and_promotion(tmp_path: Path) -> None:
         assert 25 < store.tiers[0].expiry(k(1)) - time.time() <= 30  # type: ignore[operator]
 
 
+def test_a_value_waiting_for_write_back_expires_on_time(tmp_path: Path) -> None:
+    disk = FaultyDisk(tmp_path)
+    store = store_over(disk)
+    disk.slow[k(9)] = 0.8  # keeps the worker busy while k(1) waits in the queue
+    store.put(k(9), chunk_of(9.0))
+    store.put(k(1), chunk_of(1.0), ttl_s=0.3)
+    time.sleep(0.4)
+    assert store.get(k(1)) is None and store.get_blob(k(1)) is None
+    assert store.flush(timeout_s=10) and not disk.contains(k(1))
+    store.close()
+
+
 def test_pinned_entries_still_expire(tmp_path: Path) -> None:
     with TieredStore(f"host,disk:{tmp_path}") as store:
         store.put(k(1), chunk_of(1.0), ttl_s=0.3)
