@@ -47,12 +47,20 @@ class BlendConfig:
     deviation: str = "key"  # "key" (LMCache) or "value" (the original repository)
     selector: Any = "deviation"  # "deviation", "random", or a Selector instance
     seed: int = 0  # for the random control
+    # EPIC-style boundary repair: the first ``boundary_tokens`` of every cached chunk are recomputed in every
+    # layer, whatever the ratio. With ``ratio=0`` and no check layers that is the whole rule: nothing is
+    # computed at full width, so its cost is (query + chunks x k) rows per layer.
+    boundary_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in [0, 1], got {self.ratio}")
-        if not self.check_layers or any(int(x) < 0 for x in self.check_layers):
-            raise ConfigError(f"check_layers must be non-empty layer indices >= 0, got {self.check_layers}")
+        if self.ratio > 0 and not self.check_layers:
+            raise ConfigError("a ratio above 0 needs check layers to select by (check_layers=(2, 3), ...)")
+        if any(int(x) < 0 for x in self.check_layers):
+            raise ConfigError(f"check_layers must be layer indices >= 0, got {self.check_layers}")
+        if type(self.boundary_tokens) is not int or self.boundary_tokens < 0:
+            raise ConfigError(f"boundary_tokens must be an integer >= 0, got {self.boundary_tokens!r}")
         if self.deviation not in DEVIATIONS:
             raise ConfigError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
         if isinstance(self.selector, str) and self.selector not in SELECTORS:
@@ -87,13 +95,22 @@ class BlendStrategy(CachedChunksStrategy):
         if text_chunks:
             text_rows = prompt.rows([CHUNK], chunk_indices=sorted(text_chunks))
             always = torch.unique(torch.cat((text_rows, always)))
-        loaded_indices = [s.index for s in prompt.chunks if s.index not in text_chunks]
-        candidates = prompt.rows([CHUNK], chunk_indices=loaded_indices)
+        loaded = [s for s in prompt.chunks if s.index not in text_chunks]
+        cached = prompt.rows([CHUNK], chunk_indices=[s.index for s in loaded])
+        candidates = cached
+        k = self.config.boundary_tokens
+        if k:
+            boundary = torch.tensor([r for s in loaded for r in range(s.start, min(s.start + k, s.end))],
+                                    dtype=torch.long)
+            always = torch.unique(torch.cat((boundary, always)))
+            candidates = candidates[~torch.isin(candidates, boundary)]
+        if not self.config.check_layers:
+            candidates = candidates[:0]  # no selection: nothing but ``always`` is computed, in any layer
         checks = check_schedule(ratio, tuple(self.config.check_layers), self.config.schedule,
                                 int(candidates.numel()), self.adapter.num_layers)
         out, timings["compute"] = self._run(prompt, feed, always=always, candidates=candidates, checks=checks,
                                             selector=self.selector, deviation=self.config.deviation,
-                                            cached_rows=candidates)
+                                            cached_rows=cached)
         final = out.final_rows if out.final_rows is not None else torch.zeros(0, dtype=torch.long)
         by_index = {s.index: s for s in prompt.chunks}
         for info in infos:
@@ -108,7 +125,7 @@ class BlendStrategy(CachedChunksStrategy):
         info.update({"ratio": ratio, "checks": [(c.layer, c.keep) for c in checks],
                      "selections": {layer: rows.tolist() for layer, rows in out.selections.items()},
                      "rows_per_layer": out.rows_per_layer, "selector": self.selector.name,
-                     "deviation": self.config.deviation})
+                     "deviation": self.config.deviation, "boundary_tokens": k})
         return self._finish(prompt, out, infos, prefix_hit, feed, timings, info)
 
 

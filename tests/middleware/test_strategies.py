@@ -202,3 +202,24 @@ def test_auto_raises_ratio_to_hide_behind_slow_loads(host_engine, rag_request):
     plan = strategy.plan(host_engine.assemble(rag_request))
     assert 0.1 < plan.ratio <= 0.6
     assert plan.compute_seconds <= plan.load_seconds + 1e-9
+
+
+def test_boundary_rule_recomputes_the_first_tokens_of_each_chunk_only(host_engine, rag_request):
+    host_engine.warm(rag_request.chunks)
+    full = host_engine.prepare(rag_request, "full")
+    lengths = [12, 9, 14]
+    query = 5
+    boundary = host_engine.prepare(rag_request, host_engine.strategy(
+        "blend", BlendConfig(ratio=0.0, check_layers=(), boundary_tokens=4)))
+    assert boundary.details["checks"] == [] and boundary.details["boundary_tokens"] == 4
+    assert boundary.details["rows_per_layer"] == [3 * 4 + query] * host_engine.adapter.num_layers  # no full width
+    assert [c.recomputed_tokens for c in boundary.chunks] == [4, 4, 4]
+    whole = host_engine.prepare(rag_request, host_engine.strategy(
+        "blend", BlendConfig(ratio=0.0, check_layers=(), boundary_tokens=max(lengths))))
+    assert (whole.logits - full.logits).abs().max() <= ATOL  # k = chunk length: every row recomputed, as full
+    assert torch.allclose(_kv(whole), _kv(full), atol=ATOL)
+    both = host_engine.prepare(rag_request, host_engine.strategy(
+        "blend", BlendConfig(ratio=0.2, check_layers=(1, 2), boundary_tokens=2)))
+    assert both.details["checks"][-1] == (2, round(0.2 * (sum(lengths) - 3 * 2)))  # the rest, selected
+    with pytest.raises(ConfigError, match="check layers"):
+        BlendConfig(ratio=0.15, check_layers=())
