@@ -2,9 +2,10 @@
 
 Rules (``BlendConfig``): ``deviation`` (CacheBlend's: K deviation at check layers 2-3, gradual filtering) at
 several ratios; ``random`` (the control, same budget as deviation 0.15); ``boundary`` (EPIC-style: the first k
-tokens of every chunk recomputed in every layer, no check layer) at several k; and ``boundary + deviation``
-(k = 4 plus deviation at 0.15 over the rest). Query-aware and stored-importance rules (issue 12) are not built
-yet; this scenario is where they will be measured.
+tokens of every chunk recomputed in every layer, no check layer) at several k; ``query`` (a first pass computes
+only the query rows; cached tokens ranked by the attention the query gives them, pooled over neighbours; the
+top ratio recomputed in every layer) at several ratios; and combinations (boundary k = 4 plus deviation or
+query at 0.15). Stored-importance rules (issue 12) are not built yet.
 
 Quality: SmolLM2-135M-Instruct (real model) on the first ``--questions`` questions of the planted-fact set
 (``bench/fidelity.py``'s scoring: accuracy against the gold answer; agreement = the first 16 greedy tokens
@@ -39,14 +40,17 @@ def rules(quick: bool) -> list[tuple[str, fidelity.Config]]:
 
     rows = [("full", fidelity.Config("full", "full")), ("reuse", fidelity.Config("reuse", "reuse")),
             ("deviation", blend("deviation 0.15", ratio=0.15)),
-            ("boundary", blend("boundary k=8", ratio=0.0, check_layers=(), boundary_tokens=8))]
+            ("boundary", blend("boundary k=8", ratio=0.0, check_layers=(), boundary_tokens=8)),
+            ("query", blend("query 0.15", ratio=0.15, rule="query"))]
     if quick:
         return rows
     rows += [("deviation", blend(f"deviation {r}", ratio=r)) for r in (0.05, 0.3)]
     rows += [("random", blend("random 0.15 (control)", ratio=0.15, selector="random"))]
     rows += [("boundary", blend(f"boundary k={k}", ratio=0.0, check_layers=(), boundary_tokens=k))
              for k in (4, 16, 32)]
-    rows += [("boundary+deviation", blend("boundary k=4 + deviation 0.15", ratio=0.15, boundary_tokens=4))]
+    rows += [("query", blend(f"query {r}", ratio=r, rule="query")) for r in (0.05, 0.3)]
+    rows += [("boundary+deviation", blend("boundary k=4 + deviation 0.15", ratio=0.15, boundary_tokens=4)),
+             ("boundary+query", blend("boundary k=4 + query 0.15", ratio=0.15, rule="query", boundary_tokens=4))]
     return rows
 
 
@@ -146,14 +150,18 @@ def main() -> None:
                   "TTFT / full (0.5B shape)"], rows)
     deviation = results["deviation 0.15"]
     boundary = results["boundary k=8"]
+    query = results["query 0.15"]
     report.figure("deviation_0.15_agreement", deviation["agreement"])
     report.figure("boundary_8_agreement", boundary["agreement"])
     report.figure("boundary_8_ttft_vs_full", boundary["ttft_vs_full"])
     report.figure("boundary_8_ttft_vs_full_05b", boundary["ttft_vs_full_05b"])
     report.figure("deviation_0.15_ttft_vs_full_05b", deviation["ttft_vs_full_05b"])
-    report.note("query-aware and stored-importance rules, calibration and the calibrated default are not built "
-                "yet (issue 12): default_blend_ttft_vs_full_05b and best_rule_agreement_gain_at_equal_ttft are "
-                "not reported")
+    report.figure("query_0.15_agreement", query["agreement"])
+    report.figure("query_0.15_ttft_vs_full", query["ttft_vs_full"])
+    report.figure("query_0.15_ttft_vs_full_05b", query["ttft_vs_full_05b"])
+    report.note("stored-importance rules, the dual-stage query rule, calibration and the calibrated default are "
+                "not built yet (issue 12): default_blend_ttft_vs_full_05b and best_rule_agreement_gain_at_equal_ttft "
+                "are not reported")
     if not quick and pareto_plot(points, PLOT):
         report.note(f"plot: {PLOT.name}")
     report.write()

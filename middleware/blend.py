@@ -16,6 +16,7 @@ plugs in.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.assembly import CHUNK, QUERY
 from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
+from ragkv.middleware.query_selection import attention_mass, top_rows
 from ragkv.middleware.selective import (
     DEVIATIONS,
     SELECTORS,
@@ -33,6 +35,8 @@ from ragkv.middleware.selective import (
     make_selector,
 )
 from ragkv.middleware.strategies import CachedChunksStrategy, register_strategy
+
+RULES = ("deviation", "query")
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,17 @@ class BlendConfig:
     # layer, whatever the ratio. With ``ratio=0`` and no check layers that is the whole rule: nothing is
     # computed at full width, so its cost is (query + chunks x k) rows per layer.
     boundary_tokens: int = 0
+    # "deviation": CacheBlend's rule at the check layers. "query": a cheap first pass computes only the query
+    # rows against the cached KV, ranks cached tokens by the attention the query gives them (summed over every
+    # layer, pooled over neighbours) and recomputes the top ``ratio`` of them in every layer; no check layer.
+    rule: str = "deviation"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in [0, 1], got {self.ratio}")
-        if self.ratio > 0 and not self.check_layers:
+        if self.rule not in RULES:
+            raise ConfigError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.ratio > 0 and not self.check_layers and self.rule == "deviation":
             raise ConfigError("a ratio above 0 needs check layers to select by (check_layers=(2, 3), ...)")
         if any(int(x) < 0 for x in self.check_layers):
             raise ConfigError(f"check_layers must be layer indices >= 0, got {self.check_layers}")
@@ -104,10 +114,15 @@ class BlendStrategy(CachedChunksStrategy):
                                     dtype=torch.long)
             always = torch.unique(torch.cat((boundary, always)))
             candidates = candidates[~torch.isin(candidates, boundary)]
+        if self.config.rule == "query":
+            start = time.perf_counter()
+            chosen = self._query_selection(prompt, feed, always, candidates, cached, ratio)
+            timings["select"] = time.perf_counter() - start
+            always, candidates = torch.unique(torch.cat((always, chosen))), candidates[:0]
         if not self.config.check_layers:
             candidates = candidates[:0]  # no selection: nothing but ``always`` is computed, in any layer
         checks = check_schedule(ratio, tuple(self.config.check_layers), self.config.schedule,
-                                int(candidates.numel()), self.adapter.num_layers)
+                                int(candidates.numel()), self.adapter.num_layers) if candidates.numel() else ()
         out, timings["compute"] = self._run(prompt, feed, always=always, candidates=candidates, checks=checks,
                                             selector=self.selector, deviation=self.config.deviation,
                                             cached_rows=cached)
@@ -125,8 +140,23 @@ class BlendStrategy(CachedChunksStrategy):
         info.update({"ratio": ratio, "checks": [(c.layer, c.keep) for c in checks],
                      "selections": {layer: rows.tolist() for layer, rows in out.selections.items()},
                      "rows_per_layer": out.rows_per_layer, "selector": self.selector.name,
-                     "deviation": self.config.deviation, "boundary_tokens": k})
+                     "deviation": self.config.deviation, "boundary_tokens": k, "rule": self.config.rule})
         return self._finish(prompt, out, infos, prefix_hit, feed, timings, info)
 
+    def _query_selection(self, prompt: Any, feed: Any, always: torch.Tensor, candidates: torch.Tensor,
+                         cached: torch.Tensor, ratio: float) -> torch.Tensor:
+        """The first pass of the query rule: only ``always`` rows computed, the query's attention over the
+        cached tokens accumulated at every layer; returns the top ``ratio`` of ``candidates``."""
+        scores = torch.zeros(prompt.length)
+        query_rows = prompt.rows([QUERY])
+        n_rep = self.adapter.n_rep
 
-__all__ = ["BlendConfig", "BlendStrategy"]
+        def observe(layer: int, q: torch.Tensor, rows: torch.Tensor, kv_layer: torch.Tensor, mask: Any) -> None:
+            pick = torch.isin(rows, query_rows).nonzero().squeeze(1)
+            scores.add_(attention_mass(q[:, :, pick.to(q.device)], kv_layer[0], mask.dense[pick], n_rep))
+
+        self._run(prompt, feed, always=always, observe=observe, cached_rows=cached)
+        return top_rows(scores, candidates, round(ratio * candidates.numel()))
+
+
+__all__ = ["RULES", "BlendConfig", "BlendStrategy"]

@@ -223,3 +223,33 @@ def test_boundary_rule_recomputes_the_first_tokens_of_each_chunk_only(host_engin
     assert both.details["checks"][-1] == (2, round(0.2 * (sum(lengths) - 3 * 2)))  # the rest, selected
     with pytest.raises(ConfigError, match="check layers"):
         BlendConfig(ratio=0.15, check_layers=())
+
+
+def test_query_rule_picks_the_tokens_the_query_attends_to():
+    """A toy case: one key equals the query direction, scaled; it gets the attention mass, and so do its
+    neighbours within the pooling window, nothing else."""
+    from ragkv.middleware.query_selection import attention_mass, top_rows
+
+    torch.manual_seed(0)
+    d, n = 8, 40
+    q = torch.randn(1, 2, 1, d)  # two query heads, one query row
+    keys = torch.randn(1, 1, n, d) * 0.1  # one kv head serves both (GQA)
+    planted = 17
+    keys[0, 0, planted] = q[0].mean(dim=0)[0] * 20
+    mass = attention_mass(q, keys, torch.ones(1, n, dtype=torch.bool), n_rep=2, window=1)
+    assert int(mass.argmax()) == planted
+    pooled = attention_mass(q, keys, torch.ones(1, n, dtype=torch.bool), n_rep=2, window=5)
+    assert top_rows(pooled, torch.arange(n), 5).tolist() == [15, 16, 17, 18, 19]
+
+
+def test_query_rule_end_to_end(host_engine, rag_request):
+    host_engine.warm(rag_request.chunks)
+    full = host_engine.prepare(rag_request, "full")
+    n_chunk_tokens, query, layers = 12 + 9 + 14, 5, host_engine.adapter.num_layers
+    picked = host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(ratio=0.2, rule="query")))
+    assert picked.details["rule"] == "query" and picked.details["checks"] == []
+    assert picked.details["rows_per_layer"] == [query + round(0.2 * n_chunk_tokens)] * layers  # no full width
+    assert sum(c.recomputed_tokens for c in picked.chunks) == round(0.2 * n_chunk_tokens)
+    everything = host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(ratio=1.0, rule="query")))
+    assert (everything.logits - full.logits).abs().max() <= ATOL  # budget 100%: equals full
+    assert torch.allclose(_kv(everything), _kv(full), atol=ATOL)
