@@ -150,10 +150,17 @@ def ttft_chunks(tokenizer: Any, chunks: int, tokens: int) -> list[str]:
 
 def measure_ttft(engine: ContextEngine, configs: Sequence[Config], chunks: int, tokens: int, repeat: int
                  ) -> dict[str, float]:
-    """Median TTFT per strategy config over ``repeat`` runs after one untimed run (the same for every row)."""
+    """Median TTFT per strategy config at ``chunks`` x ``tokens`` of the set's text (see ``time_configs``)."""
     texts = ttft_chunks(engine.adapter.tokenizer, chunks, tokens)
     engine.warm(texts)
     request = PrepareRequest(query="Who is the mayor of the town where the glassblower lives?", chunks=texts)
+    return time_configs(engine, request, configs, repeat)
+
+
+def time_configs(engine: ContextEngine, request: PrepareRequest, configs: Sequence[Config], repeat: int
+                 ) -> dict[str, float]:
+    """Median TTFT (prepare + first token) per strategy config over ``repeat`` runs after one untimed run, the
+    same for every row, full prefill included. Codec rows (no strategy) are skipped."""
     generation = GenerationConfig(max_new_tokens=1, stop_token_ids=())
     out: dict[str, float] = {}
     for config in configs:

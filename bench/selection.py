@@ -28,7 +28,7 @@ from ttft import build_model
 
 from ragkv.integrations.models import load_model, make_adapter
 from ragkv.kvstore import TieredStore
-from ragkv.middleware import BlendConfig, ContextEngine, GenerationConfig, ModelAdapter, PrepareRequest
+from ragkv.middleware import BlendConfig, ContextEngine, ModelAdapter, PrepareRequest
 
 PLOT = Path(__file__).resolve().parent / "selection_pareto.png"
 
@@ -65,18 +65,7 @@ def ttft_on_05b_shape(configs: list[fidelity.Config], quick: bool, chunks: int, 
     texts = [torch.randint(16, vocab, (tokens,), generator=gen).tolist() for _ in range(chunks)]
     engine.warm(texts)
     request = PrepareRequest(query=torch.randint(16, vocab, (32,), generator=gen).tolist(), chunks=texts)
-    generation = GenerationConfig(max_new_tokens=1, stop_token_ids=())
-    out: dict[str, float] = {}
-    for config in configs:
-        strategy = engine.strategy(config.strategy, config.config)
-        engine.generate(request, generation, strategy=strategy)  # one untimed run, as for every row
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            engine.generate(request, generation, strategy=strategy)
-            times.append(time.perf_counter() - start)
-        out[config.name] = sorted(times)[len(times) // 2]
-    return out
+    return fidelity.time_configs(engine, request, configs, repeat)
 
 
 def pareto_plot(points: dict[str, list[tuple[float, float, str]]], path: Path) -> bool:
