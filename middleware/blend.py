@@ -24,12 +24,14 @@ from typing import Any
 import torch
 
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.adapter import exact_causal_mask
 from ragkv.middleware.assembly import CHUNK, QUERY
 from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
 from ragkv.middleware.query_selection import attention_mass, top_rows
 from ragkv.middleware.selective import (
     DEVIATIONS,
     SELECTORS,
+    Scorer,
     Selector,
     check_schedule,
     make_selector,
@@ -56,8 +58,10 @@ class BlendConfig:
     # computed at full width, so its cost is (query + chunks x k) rows per layer.
     boundary_tokens: int = 0
     # "deviation": CacheBlend's rule at the check layers. "query": a cheap first pass computes only the query
-    # rows against the cached KV, ranks cached tokens by the attention the query gives them (summed over every
-    # layer, pooled over neighbours) and recomputes the top ``ratio`` of them in every layer; no check layer.
+    # rows against the cached KV and ranks cached tokens by the attention the query gives them (summed over
+    # every layer, pooled over neighbours). With ``check_layers=()`` the top ``ratio`` is recomputed in every
+    # layer (single stage); with check layers the first pass keeps ``2 * ratio``, and at each check layer the
+    # query's attention over the freshly computed rows re-ranks them down the schedule to ``ratio`` (dual stage).
     rule: str = "deviation"
 
     def __post_init__(self) -> None:
@@ -114,18 +118,24 @@ class BlendStrategy(CachedChunksStrategy):
                                     dtype=torch.long)
             always = torch.unique(torch.cat((boundary, always)))
             candidates = candidates[~torch.isin(candidates, boundary)]
+        pool, score = int(candidates.numel()), None
         if self.config.rule == "query":
             start = time.perf_counter()
-            chosen = self._query_selection(prompt, feed, always, candidates, cached, ratio)
+            rerank = bool(self.config.check_layers)  # dual stage: the first pass keeps 2r, check layers re-rank
+            first = min(1.0, 2 * ratio) if rerank else ratio
+            chosen = self._query_selection(prompt, feed, always, candidates, cached, first)
             timings["select"] = time.perf_counter() - start
-            always, candidates = torch.unique(torch.cat((always, chosen))), candidates[:0]
+            if rerank:
+                candidates, score = chosen, self._query_scorer(prompt)
+            else:
+                always, candidates = torch.unique(torch.cat((always, chosen))), candidates[:0]
         if not self.config.check_layers:
             candidates = candidates[:0]  # no selection: nothing but ``always`` is computed, in any layer
         checks = check_schedule(ratio, tuple(self.config.check_layers), self.config.schedule,
-                                int(candidates.numel()), self.adapter.num_layers) if candidates.numel() else ()
+                                pool, self.adapter.num_layers) if candidates.numel() else ()
         out, timings["compute"] = self._run(prompt, feed, always=always, candidates=candidates, checks=checks,
                                             selector=self.selector, deviation=self.config.deviation,
-                                            cached_rows=cached)
+                                            cached_rows=cached, score=score)
         final = out.final_rows if out.final_rows is not None else torch.zeros(0, dtype=torch.long)
         by_index = {s.index: s for s in prompt.chunks}
         for info in infos:
@@ -157,6 +167,21 @@ class BlendStrategy(CachedChunksStrategy):
 
         self._run(prompt, feed, always=always, observe=observe, cached_rows=cached)
         return top_rows(scores, candidates, round(ratio * candidates.numel()))
+
+    def _query_scorer(self, prompt: Any) -> Scorer:
+        """The second stage of the query rule: at a check layer, rank the candidates by the attention the
+        query rows give them there, now that the candidates' own K is freshly computed (ProphetKV)."""
+        query_rows = prompt.rows([QUERY])
+        positions = torch.arange(prompt.length)
+        visible = exact_causal_mask(positions[query_rows], positions)
+        n_rep = self.adapter.n_rep
+
+        def score(layer: int, q: torch.Tensor, active: torch.Tensor, slots: torch.Tensor,
+                  kv_layer: torch.Tensor) -> torch.Tensor:
+            pick = torch.isin(active, query_rows).nonzero().squeeze(1)
+            return attention_mass(q[:, :, pick.to(q.device)], kv_layer[0], visible, n_rep)[slots]
+
+        return score
 
 
 __all__ = ["RULES", "BlendConfig", "BlendStrategy"]

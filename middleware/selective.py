@@ -5,9 +5,10 @@ the high-deviation ones), ``compress`` (the query rows, observing their attentio
 
 Per layer ``l``: the feed writes the prefix and the cached chunks into the layer's K/V; the active rows'
 q/k/v are computed at their positions; at a check layer the fresh K (or V) of the active *candidate* rows
-is compared with their cached K (V) (deviation ``sum over heads, dims of (fresh - cached)^2``) and the
-selector keeps ``keep`` of them; the fresh K/V of every row active at this layer is written into the
-buffer (the rows dropped here still had fresh K/V computed, so they are used); then the remaining rows
+is compared with their cached K (V) (deviation ``sum over heads, dims of (fresh - cached)^2``; a caller's
+``score`` may rank them instead, e.g. by the query's attention) and the selector keeps ``keep`` of them;
+the fresh K/V of every row active at this layer is written into the buffer (the rows dropped here still
+had fresh K/V computed, so they are used); then the remaining rows
 attend over the whole buffer with the exact causal mask and run the MLP. Rows that are never candidates
 (the query, chunks recomputed from text) stay active in every layer.
 """
@@ -80,6 +81,9 @@ class CheckLayer:
 
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, RowMask], None]
+# score(layer, q, active, candidate_slots, kv_layer) -> [C] scores, called at a check layer after the active
+# rows' fresh K/V were written into ``kv_layer``; replaces the K/V deviation as what the selector ranks.
+Scorer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Fill = Callable[[int, torch.Tensor, bool], None]
 
 
@@ -97,13 +101,14 @@ def selective_prefill(adapter: ModelAdapter, ids: torch.Tensor, positions: torch
                       always: torch.Tensor, candidates: torch.Tensor | None = None,
                       checks: tuple[CheckLayer, ...] = (), selector: Selector | None = None,
                       deviation: str = "key", observe: Observer | None = None,
-                      cached_rows: torch.Tensor | None = None) -> SelectiveOutput:
+                      cached_rows: torch.Tensor | None = None, score: Scorer | None = None) -> SelectiveOutput:
     """ids, positions: [N] (slot -> token, absolute position); ``always``/``candidates``: slot indices.
 
     The last slot must be in ``always`` (its logits are returned). ``observe(layer, q, rows, kv_layer, mask)``
     sees each layer's active queries before attention. ``cached_rows`` (the slots the feed fills from
     cached chunks) lets a layer in which all of them are recomputed skip waiting for the cache
-    (``fill(layer, kv_layer, False)``); without it the feed always fills them.
+    (``fill(layer, kv_layer, False)``); without it the feed always fills them. ``score`` replaces the K/V
+    deviation at check layers (see ``Scorer``).
     """
     if deviation not in DEVIATIONS:
         raise ConfigError(f"deviation must be one of {DEVIATIONS}, got {deviation!r}")
@@ -136,20 +141,25 @@ def selective_prefill(adapter: ModelAdapter, ids: torch.Tensor, positions: torch
         q, k, v = adapter.project(layer, hidden, (cos_all[:, active_dev], sin_all[:, active_dev]))
         out.rows_per_layer.append(int(active.numel()))
         keep_local: torch.Tensor | None = None
+        narrow = False
         if layer in check_at:
             cand_local = is_candidate[active].nonzero().squeeze(1)
             keep = min(check_at[layer], cand_local.numel())
-            if keep < cand_local.numel():
+            narrow = keep < cand_local.numel()
+            if narrow and score is None:  # the cached K/V is read before the fresh K/V overwrites it
                 fresh = (k if which == 0 else v)[0][:, cand_local.to(device)]  # [H, C, D]
                 cached = kv_layer[which, 0][:, active[cand_local].to(device)]  # [H, C, D]
-                dev = (fresh.float() - cached.float()).pow(2).sum(dim=(0, 2)).cpu()  # [C]
-                chosen = selector.select(dev, keep, layer)
-                keep_mask = ~is_candidate[active]
-                keep_mask[cand_local[chosen]] = True
-                keep_local = keep_mask.nonzero().squeeze(1)
-                out.selections[layer] = active[cand_local[chosen]]
+                ranking = (fresh.float() - cached.float()).pow(2).sum(dim=(0, 2)).cpu()  # [C]
         kv_layer[0, :, :, active_dev] = k
         kv_layer[1, :, :, active_dev] = v
+        if narrow:
+            if score is not None:
+                ranking = score(layer, q, active, active[cand_local], kv_layer)
+            chosen = selector.select(ranking, keep, layer)
+            keep_mask = ~is_candidate[active]
+            keep_mask[cand_local[chosen]] = True
+            keep_local = keep_mask.nonzero().squeeze(1)
+            out.selections[layer] = active[cand_local[chosen]]
         if keep_local is not None:
             kl = keep_local.to(device)
             active, hidden, q = active[keep_local], hidden[:, kl], q[:, :, kl]
@@ -194,6 +204,7 @@ __all__ = [
     "CheckLayer",
     "HighDeviationSelector",
     "RandomSelector",
+    "Scorer",
     "SelectiveOutput",
     "Selector",
     "check_schedule",

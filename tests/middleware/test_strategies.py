@@ -6,6 +6,7 @@ import torch
 
 from ragkv.kvstore.chunk import ChunkKV, ChunkMeta
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.assembly import CHUNK
 from ragkv.middleware.blend import BlendConfig
 from ragkv.middleware.compress import CompressConfig
 from ragkv.middleware.context import PrepareRequest
@@ -246,10 +247,49 @@ def test_query_rule_end_to_end(host_engine, rag_request):
     host_engine.warm(rag_request.chunks)
     full = host_engine.prepare(rag_request, "full")
     n_chunk_tokens, query, layers = 12 + 9 + 14, 5, host_engine.adapter.num_layers
-    picked = host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(ratio=0.2, rule="query")))
+    picked = host_engine.prepare(rag_request, host_engine.strategy(
+        "blend", BlendConfig(ratio=0.2, rule="query", check_layers=())))
     assert picked.details["rule"] == "query" and picked.details["checks"] == []
     assert picked.details["rows_per_layer"] == [query + round(0.2 * n_chunk_tokens)] * layers  # no full width
     assert sum(c.recomputed_tokens for c in picked.chunks) == round(0.2 * n_chunk_tokens)
-    everything = host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(ratio=1.0, rule="query")))
-    assert (everything.logits - full.logits).abs().max() <= ATOL  # budget 100%: equals full
-    assert torch.allclose(_kv(everything), _kv(full), atol=ATOL)
+    for check_layers in ((), (2,)):  # single and dual stage at budget 100%: equal full
+        everything = host_engine.prepare(rag_request, host_engine.strategy(
+            "blend", BlendConfig(ratio=1.0, rule="query", check_layers=check_layers)))
+        assert (everything.logits - full.logits).abs().max() <= ATOL
+        assert torch.allclose(_kv(everything), _kv(full), atol=ATOL)
+
+
+def test_dual_stage_query_rule_narrows_at_its_check_layer(host_engine, rag_request):
+    """Dual stage: the first pass keeps 2r of the cached tokens through the early layers; at the check layer
+    the query's attention over their fresh keys keeps r of them, a subset of the first pass."""
+    host_engine.warm(rag_request.chunks)
+    n_chunk_tokens, query, layers = 12 + 9 + 14, 5, host_engine.adapter.num_layers
+    dual = host_engine.prepare(rag_request, host_engine.strategy(
+        "blend", BlendConfig(ratio=0.2, rule="query", check_layers=(1,))))
+    first, final = round(0.4 * n_chunk_tokens), round(0.2 * n_chunk_tokens)
+    assert dual.details["rows_per_layer"] == [query + first] * 2 + [query + final] * (layers - 2)
+    assert dual.details["checks"] == [(1, final)]
+    assert sum(c.recomputed_tokens for c in dual.chunks) == final
+
+
+def test_query_rerank_scores_by_the_query_attention_over_fresh_keys(host_engine, rag_request):
+    """The second stage ranks with the query's attention at the check layer: a planted key that the query
+    attends to there, with its neighbours in the pooling window, ranks first."""
+    from ragkv.middleware.blend import BlendStrategy
+
+    strategy = host_engine.strategy("blend", BlendConfig(ratio=0.2, rule="query", check_layers=(1,)))
+    assert isinstance(strategy, BlendStrategy)
+    prompt = host_engine.assemble(rag_request)
+    score = strategy._query_scorer(prompt)
+    a = host_engine.adapter
+    n = prompt.length
+    torch.manual_seed(0)
+    active = torch.arange(n)
+    q = torch.randn(1, a.num_kv_heads * a.n_rep, n, a.head_dim)
+    kv_layer = torch.randn(2, 1, a.num_kv_heads, n, a.head_dim) * 0.01
+    planted = int(prompt.chunks[1].start) + 3
+    kv_layer[0, 0, :, planted] = q[0, :, -1].reshape(a.num_kv_heads, a.n_rep, -1).mean(dim=1) * 50
+    slots = prompt.rows([CHUNK])
+    ranking = score(1, q, active, slots, kv_layer)
+    top = slots[torch.topk(ranking, 5).indices].sort().values  # the planted key and its pooled neighbours
+    assert top.tolist() == list(range(planted - 2, planted + 3))
