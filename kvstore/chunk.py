@@ -14,6 +14,8 @@ from ragkv.kvstore.errors import ConfigError, CorruptEntry
 
 SHARED_NAMESPACE = "shared"
 MAX_TOKEN_ID = (1 << 31) - 1  # token ids are hashed as int32
+IMPORTANCE_VERSION = 1  # the layout of ``ChunkMeta.importance`` in a header; other versions read as absent
+MAX_IMPORTANCE = 255
 _NAMESPACE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -67,9 +69,12 @@ class ChunkMeta:
     dtype: str = "float16"
     rope: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Optional per-token importance, 0-255 (one per token id; () when not stored): what a selection rule may
+    # rank tokens by without computing anything (``ragkv.middleware.importance``).
+    importance: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "fingerprint": self.fingerprint,
             "token_ids": list(self.token_ids),
             "position": self.position,
@@ -77,6 +82,9 @@ class ChunkMeta:
             "rope": self.rope,
             "extra": dict(self.extra),
         }
+        if self.importance:
+            d["importance"] = {"version": IMPORTANCE_VERSION, "scores": list(self.importance)}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ChunkMeta:

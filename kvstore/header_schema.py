@@ -16,7 +16,7 @@ from typing import Any
 
 from ragkv.codecs import CodecError
 from ragkv.codecs.base import DTYPES, check_shape
-from ragkv.kvstore.chunk import MAX_TOKEN_ID, ChunkMeta, check_key
+from ragkv.kvstore.chunk import IMPORTANCE_VERSION, MAX_IMPORTANCE, MAX_TOKEN_ID, ChunkMeta, check_key
 from ragkv.kvstore.errors import ConfigError, CorruptEntry
 
 # The largest chunk of a common 8B model (32 layers x 2 x 8 KV heads x 4096 tokens x 128) fits; a service
@@ -114,7 +114,23 @@ def parse_meta(d: object) -> ChunkMeta:
         raise TypeError(f"meta.rope must be true or false, got {rope!r}")
     dtype = _text(d.get("dtype"), "meta.dtype")
     return ChunkMeta(fingerprint=_text(d.get("fingerprint"), "meta.fingerprint"), token_ids=tuple(token_ids),
-                     position=position, dtype=dtype, rope=rope, extra=_flat_object(d.get("extra", {}), "meta.extra"))
+                     position=position, dtype=dtype, rope=rope, extra=_flat_object(d.get("extra", {}), "meta.extra"),
+                     importance=_importance(d.get("importance"), len(token_ids)))
+
+
+def _importance(value: object, num_tokens: int) -> tuple[int, ...]:
+    """The optional per-token scores: absent (old entries) or of another version (a newer writer) read as none."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not is_int(value.get("version"), 1, 0xFFFF):
+        raise TypeError("meta.importance must be an object with an integer version")
+    if value["version"] != IMPORTANCE_VERSION:
+        return ()
+    scores = value.get("scores")
+    if (not isinstance(scores, list) or len(scores) != num_tokens
+            or (scores and (set(map(type, scores)) != {int} or min(scores) < 0 or max(scores) > MAX_IMPORTANCE))):
+        raise TypeError(f"meta.importance.scores must be one integer in [0, {MAX_IMPORTANCE}] per token")
+    return tuple(scores)
 
 
 def parse_header(raw: bytes, limits: EntryLimits) -> EntryHeader:

@@ -12,7 +12,7 @@ D head dim, L layers. Per-sequence KV is ``[L, 2, B, H, N, D]``; one chunk's sto
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -302,10 +302,11 @@ class ModelAdapter:
 
     # -- whole passes ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, start_position: int = 0, past: torch.Tensor | None = None
-                ) -> PrefillOutput:
+    def prefill(self, ids: torch.Tensor, start_position: int = 0, past: torch.Tensor | None = None,
+                observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> PrefillOutput:
         """Compute ``ids`` [B, T] at positions ``start_position ..``, after ``past`` KV [L, 2, B, H, P, D] that
         holds positions ``0 .. P-1`` (so ``start_position`` must be P when ``past`` is given).
+        ``observe(layer, q, k)`` sees each layer's new queries and keys (before attention).
 
         Returns the new tokens' KV [L, 2, B, H, T, D] and last-layer hidden states [B, T, E].
         """
@@ -326,6 +327,8 @@ class ModelAdapter:
         for layer in range(self.num_layers):
             q, k, v = self.project(layer, hidden, rope)
             out[layer, 0], out[layer, 1] = k, v
+            if observe is not None:
+                observe(layer, q, k)
             if mask is None:
                 hidden = self.attend(layer, hidden, q, k, v, causal=True)
             else:

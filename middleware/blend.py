@@ -1,18 +1,24 @@
-"""``blend``: CacheBlend selective recompute over re-rotated cached chunks.
+"""``blend``: selective recompute over re-rotated cached chunks; which rows are recomputed is the rule's choice.
 
-Layer 0 is computed in full for every chunk and query row (its K/V is exact anyway; its output feeds the
-check layers). At each check layer (default layers 2 and 3) the fresh K (or V, ``deviation="value"``) of the
-still-active chunk rows is compared with their cached, re-rotated K (V) and only the highest-deviation rows
-stay active (gradual filtering: by default ``2 * ratio`` after the first check layer, narrowing linearly to
-``ratio`` at the last). The query rows, and chunks recomputed from text (``auto``), are always active.
-Selected rows are recomputed in the remaining layers and their K/V scattered into the cache; attention
-uses the exact causal mask.
+Every rule recomputes the query rows (and chunks recomputed from text, ``auto``) in every layer, writes the
+recomputed rows' K/V over the cached K/V and attends with the exact causal mask. What else is recomputed:
 
-Why layers 2 and 3 by default: on the bundled trained model, deviation read at layer 1 missed a third of the
-broken cross-boundary tokens, while K deviation read at layers 2-3 ranked them at the top (``bench/RESULTS.md``,
-quality; the method is the team's ALGORITHMS.md §2).
-``selector="random"`` is the control for such studies; any object with ``select(deviation, count, layer)``
-plugs in.
+- ``deviation`` (CacheBlend): every cached row is computed in the layers up to the last check layer
+  (default layers 2 and 3); at each check layer the rows whose fresh K (or V) deviates most from the cached,
+  re-rotated K (V) stay active (gradual filtering: ``2 * ratio`` after the first, ``ratio`` at the last).
+  Its compute share is therefore at least (last check layer + 1) / layers, whatever the ratio.
+- ``query``: a first pass computes only the query rows against the cached KV and ranks cached tokens by the
+  attention the query gives them (``query_selection``); the top ``ratio`` is recomputed in every layer, or,
+  with check layers, ``2 * ratio`` at first, re-ranked by the query's attention at each check layer.
+- ``stored``: each chunk's most important tokens by the scores stored with it at warm time (``importance``).
+- ``boundary_tokens=k`` (EPIC): the first k tokens of every chunk are recomputed in every layer; it combines
+  with any rule (with ``ratio=0`` and no check layers it is the whole rule).
+
+Why layers 2 and 3 by default for ``deviation``: on the bundled toy model, deviation read at layer 1 missed a
+third of the broken cross-boundary tokens, while K deviation read at layers 2-3 ranked them at the top
+(``bench/RESULTS.md``, quality; ALGORITHMS.md §2). What each rule keeps on the real model is in
+``bench/selection.py``'s results. ``selector="random"`` is the control for such studies; any object with
+``select(deviation, count, layer)`` plugs in.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.adapter import exact_causal_mask
 from ragkv.middleware.assembly import CHUNK, QUERY
 from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
+from ragkv.middleware.importance import top_by_importance
 from ragkv.middleware.query_selection import attention_mass, top_rows
 from ragkv.middleware.selective import (
     DEVIATIONS,
@@ -38,7 +45,7 @@ from ragkv.middleware.selective import (
 )
 from ragkv.middleware.strategies import CachedChunksStrategy, register_strategy
 
-RULES = ("deviation", "query")
+RULES = ("deviation", "query", "stored")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ class BlendConfig:
     # every layer, pooled over neighbours). With ``check_layers=()`` the top ``ratio`` is recomputed in every
     # layer (single stage); with check layers the first pass keeps ``2 * ratio``, and at each check layer the
     # query's attention over the freshly computed rows re-ranks them down the schedule to ``ratio`` (dual stage).
+    # "stored": each chunk's ``ratio`` most important tokens by the scores stored with it at warm time
+    # (``ragkv.middleware.importance``), nothing computed to choose them; with check layers the first choice
+    # keeps ``2 * ratio`` and the K deviation at the check layers narrows it to ``ratio``.
     rule: str = "deviation"
 
     def __post_init__(self) -> None:
@@ -119,14 +129,18 @@ class BlendStrategy(CachedChunksStrategy):
             always = torch.unique(torch.cat((boundary, always)))
             candidates = candidates[~torch.isin(candidates, boundary)]
         pool, score = int(candidates.numel()), None
-        if self.config.rule == "query":
+        if self.config.rule in ("query", "stored"):
             start = time.perf_counter()
-            rerank = bool(self.config.check_layers)  # dual stage: the first pass keeps 2r, check layers re-rank
+            rerank = bool(self.config.check_layers)  # two stages: the first keeps 2r, the check layers narrow
             first = min(1.0, 2 * ratio) if rerank else ratio
-            chosen = self._query_selection(prompt, feed, always, candidates, cached, first)
+            if self.config.rule == "query":
+                chosen = self._query_selection(prompt, feed, always, candidates, cached, first)
+                score = self._query_scorer(prompt) if rerank else None
+            else:
+                chosen = self._stored_selection(feed, loaded, first)
             timings["select"] = time.perf_counter() - start
             if rerank:
-                candidates, score = chosen, self._query_scorer(prompt)
+                candidates = chosen
             else:
                 always, candidates = torch.unique(torch.cat((always, chosen))), candidates[:0]
         if not self.config.check_layers:
@@ -149,7 +163,8 @@ class BlendStrategy(CachedChunksStrategy):
         info = dict(details or {})
         info.update({"ratio": ratio, "checks": [(c.layer, c.keep) for c in checks],
                      "selections": {layer: rows.tolist() for layer, rows in out.selections.items()},
-                     "rows_per_layer": out.rows_per_layer, "selector": self.selector.name,
+                     "rows_per_layer": out.rows_per_layer, "recomputed_rows": final.tolist(),
+                     "selector": self.selector.name,
                      "deviation": self.config.deviation, "boundary_tokens": k, "rule": self.config.rule})
         return self._finish(prompt, out, infos, prefix_hit, feed, timings, info)
 
@@ -167,6 +182,18 @@ class BlendStrategy(CachedChunksStrategy):
 
         self._run(prompt, feed, always=always, observe=observe, cached_rows=cached)
         return top_rows(scores, candidates, round(ratio * candidates.numel()))
+
+    def _stored_selection(self, feed: Any, loaded: list[Any], ratio: float) -> torch.Tensor:
+        """The stored rule: from each cached chunk, its ``ratio`` most important tokens by the scores stored
+        with it at warm time (after the boundary tokens, which are recomputed anyway)."""
+        k = self.config.boundary_tokens
+        rows: list[int] = []
+        for s in loaded:
+            scores = feed.loaded[s.index].wait_meta().importance
+            rest = max(0, s.length - k)
+            tail = scores[k:] if len(scores) == s.length else ()
+            rows += [s.start + k + i for i in top_by_importance(tail, rest, round(ratio * rest))]
+        return torch.tensor(rows, dtype=torch.long)
 
     def _query_scorer(self, prompt: Any) -> Scorer:
         """The second stage of the query rule: at a check layer, rank the candidates by the attention the

@@ -3,7 +3,8 @@
 A chunk is tokenized alone (its text plus the prompt layout's separator, no special tokens), so the same
 chunk always yields the same token ids and the same key. Its KV is computed as ``[start] + chunk`` at positions ``0 .. T`` and the
 start token's KV is dropped, so the stored KV begins at ``position = 1``. Chunks are prefilled in batches
-(right-padded; under the exact causal mask padding after a row's tokens never affects them).
+(right-padded; under the exact causal mask padding after a row's tokens never affects them). Each token's
+importance (the attention it receives inside its chunk) is stored with the KV unless switched off.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, ChunkKV, ChunkMeta, check_namespace, chunk_key
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.adapter import ModelAdapter
+from ragkv.middleware.importance import ReceivedAttention
 
 CHUNK_POSITION = 1  # the start token sits at position 0
 
@@ -27,6 +29,9 @@ class ChunkingConfig:
 
     batch_size: int = 8
     max_batch_tokens: int = 16384
+    # score each token by the attention it receives inside its chunk and store the scores with the KV
+    # (``ragkv.middleware.importance``; read by ``BlendConfig(rule="stored")``)
+    store_importance: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -66,9 +71,9 @@ class ChunkCacher:
     def key(self, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> str:
         return chunk_key(self.adapter.fingerprint, namespace, token_ids)
 
-    def meta(self, token_ids: Sequence[int]) -> ChunkMeta:
+    def meta(self, token_ids: Sequence[int], importance: tuple[int, ...] = ()) -> ChunkMeta:
         return ChunkMeta(fingerprint=str(self.adapter.fingerprint), token_ids=tuple(token_ids),
-                         position=CHUNK_POSITION, dtype=self.adapter.dtype_name, rope=True)
+                         position=CHUNK_POSITION, dtype=self.adapter.dtype_name, rope=True, importance=importance)
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # similar lengths together: less padding
@@ -96,10 +101,13 @@ class ChunkCacher:
             ids = torch.full((len(batch), width), adapter.start_token_id, dtype=torch.long)
             for row, i in enumerate(batch):
                 ids[row, 1:1 + lengths[i]] = torch.as_tensor(list(token_lists[i]), dtype=torch.long)
-            kv = adapter.prefill(ids).kv  # [L, 2, B, H, width, D]
+            received = ReceivedAttention(adapter, [1 + lengths[i] for i in batch], width) \
+                if self.config.store_importance else None
+            kv = adapter.prefill(ids, observe=received).kv  # [L, 2, B, H, width, D]
             for row, i in enumerate(batch):
                 chunk_kv = kv[:, :, row, :, 1:1 + lengths[i]].contiguous()  # [L, 2, H, T, D], start token dropped
-                results[i] = ChunkKV(chunk_kv, self.meta(token_lists[i]))
+                importance = received.scores(row) if received is not None else ()
+                results[i] = ChunkKV(chunk_kv, self.meta(token_lists[i], importance))
         return [r for r in results if r is not None]
 
     def warm(self, chunks: Iterable[str | Sequence[int]], namespace: str = DEFAULT_NAMESPACE,

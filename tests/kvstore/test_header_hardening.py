@@ -83,6 +83,11 @@ HOSTILE = {
     "key of another tenant": edited("key", "other:" + "a" * 40),
     "key not a key": edited("key", "../../etc"),
     "codec not a string": edited("codec", ["raw"]),
+    "importance not an object": edited("meta.importance", [1, 2, 3, 4]),
+    "importance without a version": edited("meta.importance", {"scores": [1, 2, 3, 4]}),
+    "importance of the wrong length": edited("meta.importance", {"version": 1, "scores": [1, 2, 3]}),
+    "importance over 255": edited("meta.importance", {"version": 1, "scores": [1, 2, 3, 256]}),
+    "importance as floats": edited("meta.importance", {"version": 1, "scores": [1.0, 2, 3, 4]}),
 }
 
 

@@ -54,3 +54,17 @@ def test_reuse_of_a_chunk_in_its_own_context_is_exact(engine: ContextEngine) -> 
     reuse = engine.prepare(request, "reuse")
     assert reuse.chunks[0].hit
     assert (reuse.logits - full.logits).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("config", [
+    BlendConfig(ratio=1.0, rule="query", check_layers=()), BlendConfig(ratio=1.0, rule="query", check_layers=(2,)),
+    BlendConfig(ratio=1.0, rule="stored", check_layers=()), BlendConfig(ratio=1.0, rule="stored"),
+    BlendConfig(ratio=0.0, check_layers=(), boundary_tokens=14)], ids=lambda c: f"{c.rule}-{c.check_layers}")
+def test_every_selection_rule_at_full_budget_equals_full(engine: ContextEngine, config: BlendConfig) -> None:
+    """Query (one and two stages), stored (one and two stages) at budget 100%, boundary with k = the longest
+    chunk: each recomputes every row, so each equals full prefill on every family."""
+    request = PrepareRequest(query=words(1, 5), chunks=[words(10, 12), words(30, 9), words(50, 14)])
+    engine.warm(request.chunks)
+    full = engine.prepare(request, "full")
+    blended = engine.prepare(request, engine.strategy("blend", config))
+    assert (blended.logits - full.logits).abs().max() <= ATOL
