@@ -143,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print the result as JSON")
     ask.set_defaults(func=_lazy("cmd_ask"))
 
+    calib = sub.add_parser("calibrate", help="measure each blend selection rule against full prefill and store "
+                                             "the cheapest meeting the target agreement for this model")
+    _model_options(calib)
+    calib.add_argument("--corpus", default=None, metavar="PATH",
+                       help="your own chunks (as for warm), asked generic questions (default: the bundled sample)")
+    calib.add_argument("--prompts", type=int, default=8, help="calibration prompts")
+    calib.add_argument("--target", type=float, default=0.95, help="agreement with full prefill to meet")
+    calib.add_argument("--tokens", type=int, default=16, help="greedy tokens compared per prompt")
+    calib.add_argument("--out", default=None, metavar="DIR",
+                       help="where to save it (default: the models directory, where the service reads it)")
+    calib.set_defaults(func=_lazy("cmd_calibrate"))
+
     stats = sub.add_parser("stats", help="print the store's tiers, entries and statistics as JSON")
     stats.set_defaults(func=cmd_stats)
 

@@ -1,4 +1,4 @@
-"""The model-backed subcommands of ``ragkv``: serve, warm, ask, bench (``cli.py`` holds the parser).
+"""The model-backed subcommands of ``ragkv``: serve, warm, ask, bench, calibrate (``cli.py`` holds the parser).
 
 Why they live apart from the parser: each needs the model stack (transformers, torch) and some the service
 stack (fastapi, uvicorn); importing them only when the subcommand runs keeps ``ragkv demo``/``stats`` and
@@ -243,3 +243,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 __all__ = ["cmd_ask", "cmd_bench", "cmd_serve", "cmd_warm", "print_answer"]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure every selection rule and budget against full prefill; save the cheapest meeting the target."""
+    from ragkv.integrations.calibration_set import corpus_requests, sample_requests
+    from ragkv.integrations.corpus import read_corpus
+    from ragkv.integrations.runtime import RagRuntime
+    from ragkv.middleware.calibration import calibrate
+    from ragkv.middleware.model_registry import models_dir
+
+    with RagRuntime.open(args.store, args.model, dtype=args.dtype, use_calibration=False) as runtime:
+        if args.corpus:
+            requests = corpus_requests(read_corpus(args.corpus), args.prompts)
+        else:
+            requests = sample_requests(args.model, args.prompts)
+        print(f"model: {runtime.info.name}; {len(requests)} prompts, {args.tokens} tokens each", file=sys.stderr)
+        calibration = calibrate(runtime.engine, requests, target=args.target, tokens=args.tokens)
+    path = calibration.save(args.out or models_dir())
+    choice = calibration.choice
+    print(json.dumps({"path": str(path), "target": calibration.target,
+                      "choice": choice.name if choice else None,
+                      "fallback": None if choice else "no configuration met the target: blend recomputes every row",
+                      "points": [{"name": p.name, "agreement": p.agreement, "compute_share": round(p.compute_share, 4)}
+                                 for p in calibration.points]}, indent=1))
+    return 0

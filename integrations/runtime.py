@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from typing_extensions import Self
@@ -29,6 +30,8 @@ from ragkv.integrations.models import LoadedModel, ModelInfo, load_model, make_a
 from ragkv.integrations.strategy_params import config_from_params
 from ragkv.kvstore import ChunkKV, ModelMismatch, TieredStore, check_key, key_namespace
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.calibration import load_calibration
+from ragkv.middleware.model_registry import models_dir
 
 
 class RagRuntime:
@@ -36,7 +39,8 @@ class RagRuntime:
 
     def __init__(self, loaded: LoadedModel, store: TieredStore, *, max_waiting: int = 16,
                  wait_timeout_s: float = 120.0, own_store: bool = False, engine_config: Any = None,
-                 max_chunk_tokens: int = 4096, max_context_tokens: int | None = None) -> None:
+                 max_chunk_tokens: int = 4096, max_context_tokens: int | None = None,
+                 use_calibration: bool = True, calibration_dir: str | Path | None = None) -> None:
         from ragkv.middleware.engine import ContextEngine, EngineConfig
 
         self.loaded = loaded
@@ -44,6 +48,10 @@ class RagRuntime:
         self.adapter = make_adapter(loaded)
         self.store = store
         self.engine = ContextEngine(self.adapter, store, engine_config or EngineConfig())
+        # what ``ragkv calibrate`` saved for this model (default: in the models directory); blend and auto use it
+        if use_calibration:
+            folder = models_dir() if calibration_dir is None else calibration_dir
+            self.engine.use_calibration(load_calibration(folder, str(self.adapter.fingerprint)))
         self.max_waiting = max_waiting
         self.wait_timeout_s = wait_timeout_s
         self._own_store = own_store

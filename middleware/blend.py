@@ -11,6 +11,7 @@ recomputed rows' K/V over the cached K/V and attends with the exact causal mask.
   attention the query gives them (``query_selection``); the top ``ratio`` is recomputed in every layer, or,
   with check layers, ``2 * ratio`` at first, re-ranked by the query's attention at each check layer.
 - ``stored``: each chunk's most important tokens by the scores stored with it at warm time (``importance``).
+- ``random``: cached tokens at random, the control for the two above.
 - ``boundary_tokens=k`` (EPIC): the first k tokens of every chunk are recomputed in every layer; it combines
   with any rule (with ``ratio=0`` and no check layers it is the whole rule).
 
@@ -45,7 +46,7 @@ from ragkv.middleware.selective import (
 )
 from ragkv.middleware.strategies import CachedChunksStrategy, register_strategy
 
-RULES = ("deviation", "query", "stored")
+RULES = ("deviation", "query", "stored", "random")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class BlendConfig:
     # "stored": each chunk's ``ratio`` most important tokens by the scores stored with it at warm time
     # (``ragkv.middleware.importance``), nothing computed to choose them; with check layers the first choice
     # keeps ``2 * ratio`` and the K deviation at the check layers narrows it to ``ratio``.
+    # "random": ``ratio`` of the cached tokens at random (seeded), the control for "query" and "stored" (as
+    # ``selector="random"`` is the control for "deviation"); with check layers, narrowed like "stored".
     rule: str = "deviation"
 
     def __post_init__(self) -> None:
@@ -102,9 +105,13 @@ class BlendStrategy(CachedChunksStrategy):
     config_class = BlendConfig
 
     def __init__(self, engine: Any, config: Any = None) -> None:
+        calibration = getattr(engine, "calibration", None)
+        if config is None and calibration is not None:  # blend without arguments: the calibrated choice
+            config = calibration.default_blend()
         super().__init__(engine, config)
         c = self.config
         self.selector: Selector = make_selector(c.selector, c.seed) if isinstance(c.selector, str) else c.selector
+        self._generator = torch.Generator().manual_seed(c.seed)
 
     def prepare(self, request: PrepareRequest) -> PreparedContext:
         return self.blend(request, self.config.ratio)
@@ -128,16 +135,19 @@ class BlendStrategy(CachedChunksStrategy):
                                     dtype=torch.long)
             always = torch.unique(torch.cat((boundary, always)))
             candidates = candidates[~torch.isin(candidates, boundary)]
-        pool, score = int(candidates.numel()), None
-        if self.config.rule in ("query", "stored"):
+        pool, score, selection_token_layers = int(candidates.numel()), None, 0
+        if self.config.rule in ("query", "stored", "random"):
             start = time.perf_counter()
             rerank = bool(self.config.check_layers)  # two stages: the first keeps 2r, the check layers narrow
             first = min(1.0, 2 * ratio) if rerank else ratio
             if self.config.rule == "query":
-                chosen = self._query_selection(prompt, feed, always, candidates, cached, first)
+                chosen, selection_token_layers = self._query_selection(prompt, feed, always, candidates, cached,
+                                                                       first)
                 score = self._query_scorer(prompt) if rerank else None
-            else:
+            elif self.config.rule == "stored":
                 chosen = self._stored_selection(feed, loaded, first)
+            else:
+                chosen = self._random_selection(candidates, first)
             timings["select"] = time.perf_counter() - start
             if rerank:
                 candidates = chosen
@@ -164,14 +174,16 @@ class BlendStrategy(CachedChunksStrategy):
         info.update({"ratio": ratio, "checks": [(c.layer, c.keep) for c in checks],
                      "selections": {layer: rows.tolist() for layer, rows in out.selections.items()},
                      "rows_per_layer": out.rows_per_layer, "recomputed_rows": final.tolist(),
+                     "selection_token_layers": selection_token_layers,
                      "selector": self.selector.name,
                      "deviation": self.config.deviation, "boundary_tokens": k, "rule": self.config.rule})
         return self._finish(prompt, out, infos, prefix_hit, feed, timings, info)
 
     def _query_selection(self, prompt: Any, feed: Any, always: torch.Tensor, candidates: torch.Tensor,
-                         cached: torch.Tensor, ratio: float) -> torch.Tensor:
+                         cached: torch.Tensor, ratio: float) -> tuple[torch.Tensor, int]:
         """The first pass of the query rule: only ``always`` rows computed, the query's attention over the
-        cached tokens accumulated at every layer; returns the top ``ratio`` of ``candidates``."""
+        cached tokens accumulated at every layer; returns the top ``ratio`` of ``candidates`` and the
+        token-layers the pass computed."""
         scores = torch.zeros(prompt.length)
         query_rows = prompt.rows([QUERY])
         n_rep = self.adapter.n_rep
@@ -180,8 +192,8 @@ class BlendStrategy(CachedChunksStrategy):
             pick = torch.isin(rows, query_rows).nonzero().squeeze(1)
             scores.add_(attention_mass(q[:, :, pick.to(q.device)], kv_layer[0], mask.dense[pick], n_rep))
 
-        self._run(prompt, feed, always=always, observe=observe, cached_rows=cached)
-        return top_rows(scores, candidates, round(ratio * candidates.numel()))
+        out, _ = self._run(prompt, feed, always=always, observe=observe, cached_rows=cached)
+        return top_rows(scores, candidates, round(ratio * candidates.numel())), sum(out.rows_per_layer)
 
     def _stored_selection(self, feed: Any, loaded: list[Any], ratio: float) -> torch.Tensor:
         """The stored rule: from each cached chunk, its ``ratio`` most important tokens by the scores stored
@@ -194,6 +206,12 @@ class BlendStrategy(CachedChunksStrategy):
             tail = scores[k:] if len(scores) == s.length else ()
             rows += [s.start + k + i for i in top_by_importance(tail, rest, round(ratio * rest))]
         return torch.tensor(rows, dtype=torch.long)
+
+    def _random_selection(self, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
+        """The control for rules without check layers: ``ratio`` of the cached tokens, uniformly at random."""
+        count = round(ratio * candidates.numel())
+        order = torch.randperm(candidates.numel(), generator=self._generator)[:count]
+        return torch.sort(candidates[order]).values
 
     def _query_scorer(self, prompt: Any) -> Scorer:
         """The second stage of the query rule: at a check layer, rank the candidates by the attention the

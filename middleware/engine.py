@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from ragkv.middleware.costs import CostModel
 from ragkv.middleware.loading import ChunkLoader, LoadedChunk
 from ragkv.middleware.prefix_cache import PrefixCache, PrefixCacheConfig
 from ragkv.middleware.prompt_template import DocumentLayout, PromptParts, PromptTemplate
+
+if TYPE_CHECKING:
+    from ragkv.middleware.calibration import Calibration
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class ContextEngine:
         self.loader = ChunkLoader(adapter, store, promote=config.promote_after_load)
         self.prefix_cache = PrefixCache(config.prefix_cache)
         self.costs = CostModel()
+        self.calibration: Calibration | None = None  # see ``use_calibration``
         self._strategies: dict[str, Any] = {}
 
     @classmethod
@@ -80,6 +84,15 @@ class ContextEngine:
         if name not in self._strategies:
             self._strategies[name] = make_strategy(name, self)
         return self._strategies[name]
+
+    def use_calibration(self, calibration: Calibration | None) -> None:
+        """Make a calibration (``ragkv.middleware.calibration``) the default of ``blend`` and the table ``auto``
+        chooses from; None goes back to the uncalibrated defaults. It must be this model's."""
+        if calibration is not None and calibration.fingerprint != str(self.adapter.fingerprint):
+            raise ConfigError("this calibration was measured on another model (its fingerprint differs)")
+        self.calibration = calibration
+        for name in ("blend", "auto"):
+            self._strategies.pop(name, None)
 
     def prepare(self, request: PrepareRequest, strategy: Any = None) -> PreparedContext:
         start = time.perf_counter()

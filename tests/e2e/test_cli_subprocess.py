@@ -146,3 +146,29 @@ def test_warm_resumes_where_an_interrupted_run_stopped(tmp_path: Path, monkeypat
     assert bench["ttft_ms"]["warm"] > 0 and bench["store_get_blob_mbps"] > 0
     assert cli_main(["ask"]) == 2  # no question: a clear error, not a traceback
     assert "needs a question" in capsys.readouterr().err
+
+
+def test_calibrate_saves_a_choice_that_the_runtime_then_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from ragkv.integrations.runtime import RagRuntime
+
+    monkeypatch.setenv("RAGKV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RAGKV_STORE", raising=False)
+    out = tmp_path / "calibration"
+    assert cli_main(["calibrate", "--model", "toy", "--prompts", "2", "--tokens", "4", "--target", "0.5",
+                     "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert Path(report["path"]).parent == out and len(report["points"]) > 5
+    assert report["choice"] is not None  # the dearest candidates keep every answer at 0.5
+    chosen = next(p for p in report["points"] if p["name"] == report["choice"])
+    assert chosen["agreement"] >= 0.5
+    assert all(p["compute_share"] >= chosen["compute_share"] for p in report["points"] if p["agreement"] >= 0.5)
+    with RagRuntime.open("host:256MB", "toy", calibration_dir=out) as runtime:
+        assert runtime.engine.calibration is not None
+        assert runtime.engine.calibration.choice.name == report["choice"]
+        assert runtime.engine.strategy("blend").config == runtime.engine.calibration.choice.config
+    (tmp_path / "docs").mkdir()  # the user's own chunks, asked generic questions
+    (tmp_path / "docs" / "a.txt").write_text("\n\n".join(f"k{i} v{i} ; the k{i + 1} v{i + 2} ;" for i in range(8)))
+    assert cli_main(["calibrate", "--model", "toy", "--corpus", str(tmp_path / "docs"), "--prompts", "2",
+                     "--tokens", "2", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["target"] == 0.95

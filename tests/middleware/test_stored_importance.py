@@ -143,10 +143,18 @@ def test_stored_rule_on_entries_without_scores_takes_their_first_tokens(host_eng
     assert full_rows == 5 + sum(round(0.25 * n) for n in (12, 9, 14))
 
 
-@pytest.mark.parametrize("rule", ["deviation", "query", "stored"])
+@pytest.mark.parametrize("rule", ["deviation", "query", "stored", "random"])
 def test_every_rule_at_budget_one_equals_full(host_engine, rag_request, rule):
     host_engine.warm(rag_request.chunks)
     full = host_engine.prepare(rag_request, "full")
     everything = host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(ratio=1.0, rule=rule)))
     assert (everything.logits - full.logits).abs().max() <= ATOL
     assert torch.allclose(_kv(everything), _kv(full), atol=ATOL)
+
+
+def test_random_rule_is_a_seeded_control_of_the_same_size(host_engine, rag_request):
+    host_engine.warm(rag_request.chunks)
+    runs = [host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(
+        ratio=0.25, rule="random", check_layers=(), seed=seed))) for seed in (1, 1, 2)]
+    rows = [r.details["recomputed_rows"] for r in runs]
+    assert rows[0] == rows[1] != rows[2] and len(rows[0]) == len(rows[2]) == 5 + round(0.25 * (12 + 9 + 14))
