@@ -122,7 +122,7 @@ def test_stored_rule_picks_each_chunks_top_tokens(host_engine, rag_request):
 
 def test_two_stage_stored_rule_narrows_by_deviation(host_engine, rag_request):
     host_engine.warm(rag_request.chunks)
-    lengths, query, layers = [12, 9, 14], 5, host_engine.adapter.num_layers
+    lengths, query = [12, 9, 14], 5
     two = host_engine.prepare(rag_request, host_engine.strategy("blend", BlendConfig(
         ratio=0.25, rule="stored", check_layers=(1,))))
     first = sum(round(0.5 * n) for n in lengths)
