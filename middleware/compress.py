@@ -5,7 +5,9 @@ are assembled as in ``reuse`` and the query is computed over them; at the scorin
 each chunk token's score is the softmax attention it receives, summed over the window, 1-D max-pooled
 along the tokens (kernel 7), per query head; the per-head scores are normalised and pooled (averaged over
 heads and scoring layers) into one score per token, and the top ``keep_ratio`` (or ``budget_tokens``) of the
-chunk tokens are kept. One token set serves every layer and head, so the result is an ordinary
+chunk tokens are kept; with ``whole_words`` (the default) each token scores its word's best, so a
+number's digits or a name's pieces are kept or dropped together (the budget may be exceeded by the end of
+the last word). One token set serves every layer and head, so the result is an ordinary
 ``DynamicCache``. Kept tokens keep their positions (gaps stay, as in SnapKV): ``next_position`` is the
 prompt length even though the cache is shorter. By default the query's K/V and logits are those computed
 over the whole context (SnapKV); ``recompute_query=True`` recomputes the query over the pruned cache.
@@ -14,6 +16,9 @@ Chunk mode: the top ``keep_chunks`` chunks by query attention mass (``chunk_scor
 request's ``chunk_scores`` (``"retriever"``) stay at full fidelity; the others keep ``other_keep_ratio`` of
 their tokens by score, or are dropped entirely when it is 0. Dropping by retriever score needs no scoring
 pass, and the dropped chunks are never loaded.
+
+On the real model ``compress`` keeps far fewer answers than ``blend`` (``bench/RESULTS.md``, fidelity), so
+``auto`` never chooses it: it is for callers who trade answers for a smaller cache on purpose.
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ class CompressConfig:
     chunk_score: str = "attention"
     other_keep_ratio: float = 0.0  # chunks mode: fraction of tokens kept from the other chunks (0: drop them)
     recompute_query: bool = False
+    # keep or drop whole words (a number's digits, a name's pieces) together: a word scores its best token
+    whole_words: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,6 +98,11 @@ class CompressStrategy(CachedChunksStrategy):
     name = "compress"
     config_class = CompressConfig
 
+    def __init__(self, engine: Any, config: Any = None) -> None:
+        super().__init__(engine, config)
+        self._texts: dict[int, str] = {}
+        self._word_level: bool | None = None  # a word-level tokenizer: every token is a word
+
     def prepare(self, request: PrepareRequest) -> PreparedContext:
         c = self.config
         if c.mode == "chunks" and c.chunk_score == "retriever":
@@ -129,10 +141,17 @@ class CompressStrategy(CachedChunksStrategy):
                 scores: torch.Tensor) -> torch.Tensor:
         c = self.config
         n = chunk_rows.numel()
+        if c.whole_words:
+            scores = self._word_scores(prompt, chunk_rows, scores)
         if c.mode == "tokens":
             budget = c.budget_tokens if c.budget_tokens is not None else round(c.keep_ratio * n)
             budget = min(budget, n)
-            return chunk_rows[torch.topk(scores, budget).indices.sort().values] if budget < n else chunk_rows
+            if budget >= n:
+                return chunk_rows
+            chosen = torch.topk(scores, budget).indices
+            if c.whole_words:  # finish the last word begun: words are kept or dropped whole
+                chosen = torch.nonzero(scores >= scores[chosen].min()).squeeze(1)
+            return chunk_rows[chosen.sort().values]
         # chunks mode: rank chunks, keep the top ones whole, prune the others by token score
         offsets, ranked = {}, []
         pos = 0
@@ -157,6 +176,33 @@ class CompressStrategy(CachedChunksStrategy):
                     parts.append(a + torch.topk(scores[a:b], k).indices)
         local = torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
         return chunk_rows[local]
+
+    def _word_scores(self, prompt: AssembledPrompt, chunk_rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Every token takes its word's best score, so that ranking keeps or drops words whole. A word starts at
+        a token whose text starts with whitespace, unless the token before is whitespace alone (SmolLM2 writes
+        " 1941" as " ", "1", "9", "4", "1"); with a word-level tokenizer every token is a word."""
+        ids = [prompt.input_ids[int(r)] for r in chunk_rows]
+        if len(ids) > 1 and self._word_level is None:  # does decoding put a space between tokens itself?
+            self._word_level = self._text(ids[:2]) != self._text(ids[:1]) + self._text(ids[1:2])
+        texts = [self._token_text(i) for i in ids]
+        words = torch.zeros(len(ids), dtype=torch.long)
+        word = 0
+        for j in range(1, len(ids)):
+            starts = self._word_level or (texts[j][:1].isspace() and not texts[j - 1].isspace())
+            contiguous = int(chunk_rows[j]) == int(chunk_rows[j - 1]) + 1
+            word += starts or not contiguous
+            words[j] = word
+        best = torch.full((word + 1,), float("-inf")).scatter_reduce(0, words, scores, reduce="amax")
+        return best[words]
+
+    def _text(self, ids: list[int]) -> str:
+        return self.adapter.decode(ids) if self.adapter.tokenizer is not None else " " * len(ids)
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text (cached; a model without a tokenizer: every token is a word)."""
+        if token_id not in self._texts:
+            self._texts[token_id] = self._text([token_id])
+        return self._texts[token_id]
 
     def _drop_by_retriever(self, request: PrepareRequest) -> PreparedContext:
         """Keep only the top chunks by retriever score; the others are neither loaded nor placed."""

@@ -293,3 +293,29 @@ def test_query_rerank_scores_by_the_query_attention_over_fresh_keys(host_engine,
     ranking = score(1, q, active, slots, kv_layer)
     top = slots[torch.topk(ranking, 5).indices].sort().values  # the planted key and its pooled neighbours
     assert top.tolist() == list(range(planted - 2, planted + 3))
+
+
+def test_compress_keeps_or_drops_whole_words(host_engine):
+    """SmolLM2-style pieces: a number written as " ", "1", "9", "4", "1" is one word; so is a name in pieces.
+    Each token takes its word's best score, so a word is never split by the budget."""
+    from ragkv.middleware.compress import CompressStrategy
+
+    strategy = host_engine.strategy("compress", CompressConfig(keep_ratio=0.3))
+    assert isinstance(strategy, CompressStrategy)
+    pieces = [" born", " in", " ", "1", "9", "4", "1", " and", " D", "ov", "rin", "."]
+    strategy._word_level = False
+    ids = list(range(1000, 1000 + len(pieces)))
+    strategy._texts = dict(zip(ids, pieces))
+
+    class Prompt:
+        input_ids = ids
+
+    rows = torch.arange(len(ids))
+    scores = torch.zeros(len(ids))
+    scores[4] = 5.0  # one digit of the year is what the query attends to
+    scores[9] = 3.0  # one piece of the name
+    words = strategy._word_scores(Prompt(), rows, scores)
+    assert words[2:7].tolist() == [5.0] * 5 and words[8:12].tolist() == [3.0] * 4
+    assert words[[0, 1, 7]].tolist() == [0.0] * 3
+    strategy._word_level = True  # a word-level tokenizer: every token its own word
+    assert torch.equal(strategy._word_scores(Prompt(), rows, scores), scores)
