@@ -68,3 +68,25 @@ def test_every_selection_rule_at_full_budget_equals_full(engine: ContextEngine, 
     full = engine.prepare(request, "full")
     blended = engine.prepare(request, engine.strategy("blend", config))
     assert (blended.logits - full.logits).abs().max() <= ATOL
+
+
+def test_calibration_and_quality_aware_auto_on_every_family(engine: ContextEngine) -> None:
+    """A calibration round on each family: the exact candidate agrees everywhere and is chosen at target 1.0;
+    auto then plans with it and equals full prefill."""
+    from ragkv.middleware.calibration import calibrate
+
+    request = PrepareRequest(query=words(2, 5), chunks=[words(11, 12), words(31, 9)])
+    exact = ("stored 1.0", BlendConfig(ratio=1.0, rule="stored", check_layers=()))
+    cheap = ("boundary k=1", BlendConfig(ratio=0.0, check_layers=(), boundary_tokens=1))
+    calibration = calibrate(engine, [request], candidates=[cheap, exact], tokens=3, target=1.0)
+    assert calibration.points[1].agreement == 1.0
+    assert calibration.choice is not None
+    engine.use_calibration(calibration)
+    try:
+        full = engine.prepare(request, "full")
+        auto = engine.prepare(request, "auto")
+        assert auto.details["choice"]["calibrated"] and auto.details["choice"]["name"] == calibration.choice.name
+        if calibration.choice.name == "stored 1.0":
+            assert (auto.logits - full.logits).abs().max() <= ATOL
+    finally:
+        engine.use_calibration(None)
