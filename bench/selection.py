@@ -152,14 +152,14 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--questions", type=int, default=None, help="evaluation questions (default 48; quick 2)"),
         p.add_argument("--calibration-questions", type=int, default=None,
-                       help="held-out calibration questions, after the evaluation ones (default 24; quick 2)"),
+                       help="held-out calibration questions, after the evaluation ones (default 24; quick 1)"),
         p.add_argument("--repeat", type=int, default=None, help="timed TTFT runs per rule (default 5)"),
         p.add_argument("--threads", type=int, default=None)))
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
     n = args.questions or (2 if quick else 48)
-    n_cal = args.calibration_questions or (2 if quick else 24)
+    n_cal = args.calibration_questions or (1 if quick else 24)
     max_new_tokens = 8 if quick else 24
     chunks, tokens = (2, 64) if quick else (8, 256)
     repeat = args.repeat or (1 if quick else 5)
@@ -169,7 +169,7 @@ def main() -> None:
     everything = fidelity_set.load()
     questions, held_out = everything[:n], everything[n:n + n_cal]
     engine.warm([d for q in questions for d in q.documents])
-    candidates = list(CANDIDATES[:3]) if quick else list(CANDIDATES)
+    candidates = list(CANDIDATES[:2]) if quick else list(CANDIDATES)
     start = time.perf_counter()
     calibration = calibrate(engine, [PrepareRequest(query=q.question, chunks=list(q.documents)) for q in held_out],
                             candidates=candidates, tokens=fidelity.AGREEMENT_TOKENS)
