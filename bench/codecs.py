@@ -35,7 +35,7 @@ from harness import Report, parse_args, time_call
 from ragkv.codecs import get_codec, set_decode_workers, start_decode_pool, stop_decode_pool
 from ragkv.codecs.cachegen import half_range, layer_bins, level_summary
 from ragkv.codecs.cachegen_stream import encode_section
-from ragkv.codecs.support import thread_map
+from ragkv.codecs.parallel import thread_map
 
 MB = 1e6
 

@@ -22,7 +22,7 @@ from ragkv.codecs.base import (
 )
 from ragkv.codecs.cachegen import start_decode_pool
 from ragkv.codecs.decode_pool import shutdown_pool as stop_decode_pool
-from ragkv.codecs.support import decode_workers, set_decode_workers
+from ragkv.codecs.parallel import decode_workers, set_decode_workers
 
 __all__ = [
     "Codec", "CodecError", "CodecParams", "available_codecs", "decode_workers", "get_codec", "register_codec",

@@ -42,6 +42,7 @@ from ragkv.codecs.base import (
     check_decode_args,
     register_codec,
 )
+from ragkv.codecs.buffers import as_float32, scratch_float32, scratch_numpy, write_float32
 from ragkv.codecs.cachegen_stream import (
     MAX_BLOCK_TOKENS,
     SectionPlan,
@@ -51,19 +52,15 @@ from ragkv.codecs.cachegen_stream import (
     section_end,
 )
 from ragkv.codecs.decode_pool import PoolBroken, TaskFailed, get_pool
-from ragkv.codecs.support import (
+from ragkv.codecs.optional_deps import require_constriction
+from ragkv.codecs.parallel import decode_workers
+from ragkv.codecs.payload import (
     SCALE_FP16,
     SCALE_FP32,
-    as_float32,
     check_finite,
-    decode_workers,
-    require_constriction,
     round_to_format,
     scale_bytes,
     scale_format,
-    scratch_float32,
-    scratch_numpy,
-    write_float32,
 )
 
 FORMAT_VERSION = 1

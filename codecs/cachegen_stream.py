@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ragkv.codecs.base import CodecError
-from ragkv.codecs.support import require_constriction, require_zstd
+from ragkv.codecs.optional_deps import require_constriction, require_zstd
 from ragkv.codecs.zstd import shuffle_bytes, unshuffle_into, zstd_compress, zstd_decompress_exact
 
 MAX_BLOCK_TOKENS = 256

@@ -20,20 +20,18 @@ import numpy as np
 import torch
 
 from ragkv.codecs.base import CodecError, CodecParams, register_codec
-from ragkv.codecs.support import (
+from ragkv.codecs.buffers import as_float32, scratch_float32, write_float32
+from ragkv.codecs.layered import ValidatingCodec
+from ragkv.codecs.optional_deps import require_zstd
+from ragkv.codecs.payload import (
     SCALE_FP16,
     SCALE_FP32,
     ByteReader,
-    ValidatingCodec,
-    as_float32,
     check_finite,
     read_scales,
-    require_zstd,
     round_to_format,
     scale_bytes,
     scale_format,
-    scratch_float32,
-    write_float32,
 )
 from ragkv.codecs.zstd import MAX_LEVEL, zstd_compress, zstd_decompress_exact
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ragkv.codecs.base import CodecError, CodecParams, register_codec
-from ragkv.codecs.support import ValidatingCodec, require_zstd
+from ragkv.codecs.layered import ValidatingCodec
+from ragkv.codecs.optional_deps import require_zstd
 
 MIN_LEVEL = 1
 MAX_LEVEL = 19
