@@ -219,6 +219,16 @@ class RagRuntime:
         """``check`` then ``run``: one RAG answer."""
         return self.run(self.check(request), on_token)
 
+    def calibration_summary(self) -> dict[str, Any] | None:
+        """What ``blend`` and ``auto`` were calibrated with, or None when no calibration is in use."""
+        calibration = self.engine.calibration
+        if calibration is None:
+            return None
+        choice = calibration.choice
+        return {"target": calibration.target, "prompts": calibration.prompts,
+                "choice": choice.name if choice else None, "agreement": choice.agreement if choice else None,
+                "default_blend": "calibrated choice" if choice else "every row recomputed (no candidate met the target)"}
+
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return {"model": self.info.to_dict(), "adapter": self.adapter.describe(), "store": repr(self.store)}

@@ -320,6 +320,7 @@ def create_app(state: ServiceState) -> FastAPI:
         usage = await anyio.to_thread.run_sync(runtime.store.usage, tenant.namespace)
         return {"tenant": tenant.name, "namespace": tenant.namespace, "store": store_stats,
                 "service": metrics.snapshot(), "model": runtime.info.to_dict(), "waiting": runtime.waiting,
+                "calibration": runtime.calibration_summary(),
                 "usage": {**usage, "quota_bytes": tenant.quota_bytes, "pinned_quota_bytes": tenant.pinned_quota_bytes},
                 "tenant_metrics": metrics.tenant_snapshot(None if tenant.admin else tenant.name)}
 

@@ -167,6 +167,10 @@ def test_calibrate_saves_a_choice_that_the_runtime_then_uses(tmp_path: Path, mon
         assert runtime.engine.calibration is not None
         assert runtime.engine.calibration.choice.name == report["choice"]
         assert runtime.engine.strategy("blend").config == runtime.engine.calibration.choice.config
+        summary = runtime.calibration_summary()
+        assert summary is not None and summary["choice"] == report["choice"] and summary["target"] == 0.5
+    with RagRuntime.open("host:256MB", "toy", use_calibration=False) as runtime:
+        assert runtime.engine.calibration is None and runtime.calibration_summary() is None
     (tmp_path / "docs").mkdir()  # the user's own chunks, asked generic questions
     (tmp_path / "docs" / "a.txt").write_text("\n\n".join(f"k{i} v{i} ; the k{i + 1} v{i + 2} ;" for i in range(8)))
     assert cli_main(["calibrate", "--model", "toy", "--corpus", str(tmp_path / "docs"), "--prompts", "2",

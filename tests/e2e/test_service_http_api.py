@@ -173,6 +173,7 @@ def test_stats_metrics_and_status_page(service: Any, alice: httpx.Client) -> Non
     stats = alice.get("/v1/stats").json()
     assert stats["tenant"] == "alice" and stats["namespace"] == "alice"
     assert set(stats["store"]["tiers"]) == {"host", "disk"} and stats["service"]["answers"] >= 1
+    assert stats["calibration"] == service.state.runtime.calibration_summary()  # None unless `ragkv calibrate` ran
     with service.client(None) as anonymous:
         metrics = anonymous.get("/metrics")
         page = anonymous.get("/")
