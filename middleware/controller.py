@@ -21,7 +21,7 @@ was chosen.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ragkv.kvstore.errors import ConfigError
@@ -188,6 +188,7 @@ class AutoStrategy(Strategy):
         layers = self.adapter.num_layers
         query = prompt.query.length
         costs = self.engine.costs
+        holders = self._holders(prompt)  # where each chunk is: looked up once, whatever the candidates
         best: tuple[tuple[float, float], Plan, BlendConfig] | None = None
         for point in calibration.points:
             if point.agreement < target:
@@ -197,7 +198,7 @@ class AutoStrategy(Strategy):
             def compute(cached: int, fixed: int, misses: int, share: float = share) -> float:
                 return costs.compute_seconds((share * cached + fixed + misses) * layers)
 
-            chunks = self._holders(prompt)
+            chunks = [replace(c) for c in holders]
             self._move_to_text(chunks, query, compute)
             load, seconds = self._totals(chunks, query, compute)
             choice = {"calibrated": True, "name": point.name, "agreement": point.agreement, "target": target,
@@ -207,7 +208,7 @@ class AutoStrategy(Strategy):
                 best = (key, Plan(chunks, point.config.ratio, load, seconds, choice), point.config)
         if best is not None:
             return best[1], best[2]
-        chunks = self._holders(prompt)
+        chunks = holders
         for c in chunks:
             c.recompute = c.source is not None
         total = sum(c.tokens for c in chunks) + query
