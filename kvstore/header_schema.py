@@ -58,7 +58,8 @@ class EntryHeader:
         return self.expires_at is not None and (now if now is not None else time.time()) >= self.expires_at
 
 
-def _refuse_constant(name: str) -> Any:
+def refuse_constant(name: str) -> Any:
+    """``json.loads(parse_constant=...)``: NaN and Infinity are not JSON numbers."""
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -92,7 +93,7 @@ def _flat_object(value: object, what: str) -> dict[str, Any]:
     return value
 
 
-def _text(value: object, what: str) -> str:
+def text_field(value: object, what: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT_FIELD:
         raise TypeError(f"{what} must be a string of 1-{MAX_TEXT_FIELD} characters")
     return value
@@ -112,8 +113,8 @@ def parse_meta(d: object) -> ChunkMeta:
     rope = d.get("rope")
     if type(rope) is not bool:
         raise TypeError(f"meta.rope must be true or false, got {rope!r}")
-    dtype = _text(d.get("dtype"), "meta.dtype")
-    return ChunkMeta(fingerprint=_text(d.get("fingerprint"), "meta.fingerprint"), token_ids=tuple(token_ids),
+    dtype = text_field(d.get("dtype"), "meta.dtype")
+    return ChunkMeta(fingerprint=text_field(d.get("fingerprint"), "meta.fingerprint"), token_ids=tuple(token_ids),
                      position=position, dtype=dtype, rope=rope, extra=_flat_object(d.get("extra", {}), "meta.extra"),
                      importance=_importance(d.get("importance"), len(token_ids)))
 
@@ -138,7 +139,7 @@ def parse_header(raw: bytes, limits: EntryLimits) -> EntryHeader:
     try:
         text = raw.decode("utf-8")
         _check_nesting(text)
-        d = json.loads(text, parse_constant=_refuse_constant)
+        d = json.loads(text, parse_constant=refuse_constant)
         if not isinstance(d, dict):
             raise TypeError("header is not an object")
         shape_list = d.get("shape")
@@ -162,7 +163,7 @@ def parse_header(raw: bytes, limits: EntryLimits) -> EntryHeader:
         meta = parse_meta(d.get("meta"))
         if len(meta.token_ids) != shape[3]:
             raise ValueError(f"meta has {len(meta.token_ids)} token ids for {shape[3]} tokens of KV")
-        return EntryHeader(_text(d.get("codec"), "codec"), _flat_object(d.get("params", {}), "params"), shape,
+        return EntryHeader(text_field(d.get("codec"), "codec"), _flat_object(d.get("params", {}), "params"), shape,
                            dtype, meta, None if expires_at is None else float(expires_at), key)
     except CorruptEntry:
         raise
@@ -170,4 +171,5 @@ def parse_header(raw: bytes, limits: EntryLimits) -> EntryHeader:
         raise CorruptEntry(f"invalid entry header: {exc}") from exc
 
 
-__all__ = ["DEFAULT_MAX_ENTRY_ELEMENTS", "EntryHeader", "EntryLimits", "parse_header", "parse_meta"]
+__all__ = ["DEFAULT_MAX_ENTRY_ELEMENTS", "EntryHeader", "EntryLimits", "is_int", "parse_header", "parse_meta",
+           "refuse_constant", "text_field"]

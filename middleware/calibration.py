@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ragkv.kvstore.errors import ConfigError
+from ragkv.kvstore.header_schema import refuse_constant, text_field
 from ragkv.middleware.blend import BlendConfig
 from ragkv.middleware.context import PrepareRequest
 from ragkv.middleware.generation import GenerationConfig
@@ -112,14 +113,15 @@ class Calibration:
         try:
             if not isinstance(d, dict) or d.get("version") != FILE_VERSION:
                 raise TypeError("not a calibration file of version 1")
-            points = tuple(CalibrationPoint(name=_text(p["name"]), config=config_from_dict(p["config"]),
+            points = tuple(CalibrationPoint(name=text_field(p["name"], "point name"),
+                                            config=config_from_dict(p["config"]),
                                             agreement=_fraction(p["agreement"]),
                                             compute_share=_share(p["compute_share"]),
                                             cached_share=_share(p["cached_share"])) for p in d["points"])
             prompts, tokens = d["prompts"], d["tokens"]
             if type(prompts) is not int or type(tokens) is not int or prompts < 1 or tokens < 1:
                 raise TypeError("prompts and tokens must be positive integers")
-            return cls(_text(d["fingerprint"]), _fraction(d["target"]), tokens, prompts, points)
+            return cls(text_field(d["fingerprint"], "fingerprint"), _fraction(d["target"]), tokens, prompts, points)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"invalid calibration: {exc}") from exc
 
@@ -130,12 +132,6 @@ class Calibration:
         tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
         tmp.replace(path)
         return path
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 256:
-        raise TypeError("expected a string of 1-256 characters")
-    return value
 
 
 def _fraction(value: Any) -> float:
@@ -195,7 +191,7 @@ def load_calibration(directory: str | Path, fingerprint: str) -> Calibration | N
         log.warning("calibration %s unreadable (%s); ignored", path, exc)
         return None
     try:
-        calibration = Calibration.from_dict(json.loads(text, parse_constant=_refuse_constant))
+        calibration = Calibration.from_dict(json.loads(text, parse_constant=refuse_constant))
     except (ValueError, ConfigError) as exc:
         log.warning("calibration %s is invalid (%s); ignored", path, exc)
         return None
@@ -203,10 +199,6 @@ def load_calibration(directory: str | Path, fingerprint: str) -> Calibration | N
         log.warning("calibration %s is for another model; ignored", path)
         return None
     return calibration
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _token_layers(prepared: Any) -> int:
