@@ -11,6 +11,7 @@ if not __name__.startswith("ragkv."):
 from ragkv.codecs import cachegen as _cachegen  # noqa: F401  (registers "cachegen")
 from ragkv.codecs import quant as _quant  # noqa: F401  (registers "quant")
 from ragkv.codecs import raw as _raw  # noqa: F401  (registers "raw")
+from ragkv.codecs import transform as _transform  # noqa: F401  (registers "transform")
 from ragkv.codecs import zstd as _zstd  # noqa: F401  (registers "zstd")
 from ragkv.codecs.base import (
     Codec,

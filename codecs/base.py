@@ -125,11 +125,17 @@ class Codec:
         raise NotImplementedError
 
     # -- whole-payload API -----------------------------------------------------------------------------
-    def encode(self, kv: torch.Tensor) -> bytes:
-        """kv: [L, 2, H, T, D] -> payload bytes (deterministic)."""
+    def encode(self, kv: torch.Tensor, position: int | None = None) -> bytes:
+        """kv: [L, 2, H, T, D] -> payload bytes (deterministic). ``position`` is the absolute position of the first
+        token when the keys carry rotary embedding (None: they do not, or it is unknown); codecs that transform
+        keys use it, the others ignore it."""
         kv = check_encode_input(kv)
         num_layers = kv.shape[0]
         return join_layers([self.encode_layer(kv[i], i, num_layers) for i in range(num_layers)])
+
+    def payload_params(self, kv: torch.Tensor) -> dict[str, Any]:
+        """The parameters recorded beside a payload of ``kv`` (what ``get_codec`` needs to decode it)."""
+        return self.params.to_dict()
 
     def _layer_views(self, payload: bytes | memoryview, num_layers: int) -> list[memoryview]:
         view = memoryview(payload)

@@ -197,9 +197,9 @@ class CacheGenCodec(Codec):
                                         scale_bytes(scales[kind], fmt), 2 if fmt == SCALE_FP16 else 4))
         return b"".join(parts)
 
-    def encode(self, kv: torch.Tensor) -> bytes:
+    def encode(self, kv: torch.Tensor, position: int | None = None) -> bytes:
         """kv [L, 2, H, T, D] -> payload; layers are encoded by the caller and the pool's helpers
-        together when ``decode_workers() > 1`` (the bytes are the same either way)."""
+        together when ``decode_workers() > 1`` (the bytes are the same either way). ``position`` is unused."""
         workers = decode_workers()
         if (workers <= 1 or kv.dim() != 5 or kv.shape[0] < 2 or kv.dtype not in DTYPE_NAMES
                 or kv.numel() < POOL_MIN_SYMBOLS):

@@ -47,9 +47,9 @@ class ValidatingCodec(Codec):
                 self.decode_planned(plan, layer_shape, dtype, out[j])
         return out
 
-    def encode(self, kv: torch.Tensor) -> bytes:
+    def encode(self, kv: torch.Tensor, position: int | None = None) -> bytes:
         if not self.threaded:
-            return super().encode(kv)
+            return super().encode(kv, position)
         kv = check_encode_input(kv)
         num_layers = kv.shape[0]
         return join_layers(thread_map(lambda i: self.encode_layer(kv[i], i, num_layers), num_layers))

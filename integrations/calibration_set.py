@@ -24,6 +24,17 @@ def sample_requests(model: str | None, prompts: int) -> list[PrepareRequest]:
     return [PrepareRequest(query=q.question, chunks=list(q.chunks)) for q in questions]
 
 
+def codec_texts(model: str | None, corpus: Sequence[str] | None, limit: int) -> list[str]:
+    """What the transform basis is fitted on: the first ``limit`` of the user's chunks, else of the sample's
+    documents."""
+    if limit < 1:
+        raise ConfigError(f"the codec calibration needs at least one document, got {limit}")
+    texts = list(corpus) if corpus is not None else sample_for_model(model).documents()
+    if not texts:
+        raise ConfigError("the calibration corpus has no chunks")
+    return texts[:limit]
+
+
 def corpus_requests(chunks: Sequence[str], prompts: int,
                     documents_per_prompt: int = DOCUMENTS_PER_PROMPT) -> list[PrepareRequest]:
     """``prompts`` prompts over the user's chunks: consecutive groups of ``documents_per_prompt``, each with
@@ -38,4 +49,4 @@ def corpus_requests(chunks: Sequence[str], prompts: int,
     return requests
 
 
-__all__ = ["DOCUMENTS_PER_PROMPT", "GENERIC_QUESTIONS", "corpus_requests", "sample_requests"]
+__all__ = ["DOCUMENTS_PER_PROMPT", "GENERIC_QUESTIONS", "codec_texts", "corpus_requests", "sample_requests"]

@@ -144,13 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=_lazy("cmd_ask"))
 
     calib = sub.add_parser("calibrate", help="measure each blend selection rule against full prefill and store "
-                                             "the cheapest meeting the target agreement for this model")
+                                             "the cheapest meeting the target agreement for this model; fit the "
+                                             "transform codec's basis on this model's KV and keep it in the store")
     _model_options(calib)
     calib.add_argument("--corpus", default=None, metavar="PATH",
                        help="your own chunks (as for warm), asked generic questions (default: the bundled sample)")
     calib.add_argument("--prompts", type=int, default=8, help="calibration prompts")
     calib.add_argument("--target", type=float, default=0.95, help="agreement with full prefill to meet")
     calib.add_argument("--tokens", type=int, default=16, help="greedy tokens compared per prompt")
+    calib.add_argument("--what", choices=("all", "selection", "codec"), default="all",
+                       help="calibrate the blend selection, the transform codec's basis, or both (default)")
+    calib.add_argument("--codec-chunks", type=int, default=64,
+                       help="documents whose KV the transform basis is fitted on")
+    calib.add_argument("--layer-group", type=int, default=1, help="layers sharing one transform basis")
     calib.add_argument("--out", default=None, metavar="DIR",
                        help="where to save it (default: the models directory, where the service reads it)")
     calib.set_defaults(func=_lazy("cmd_calibrate"))

@@ -246,25 +246,35 @@ __all__ = ["cmd_ask", "cmd_bench", "cmd_serve", "cmd_warm", "print_answer"]
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Measure every selection rule and budget against full prefill; save the cheapest meeting the target."""
-    from ragkv.integrations.calibration_set import corpus_requests, sample_requests
+    """Measure every selection rule and budget against full prefill and save the cheapest meeting the target;
+    fit the transform codec's basis on this model's KV, keep it in the store and save its digest."""
+    from ragkv.integrations.calibration_set import codec_texts, corpus_requests, sample_requests
     from ragkv.integrations.corpus import read_corpus
     from ragkv.integrations.runtime import RagRuntime
     from ragkv.middleware.calibration import calibrate
+    from ragkv.middleware.codec_calibration import calibrate_transform
     from ragkv.middleware.model_registry import models_dir
 
+    out: dict[str, Any] = {}
+    folder = args.out or models_dir()
     with RagRuntime.open(args.store, args.model, dtype=args.dtype, use_calibration=False) as runtime:
-        if args.corpus:
-            requests = corpus_requests(read_corpus(args.corpus), args.prompts)
-        else:
-            requests = sample_requests(args.model, args.prompts)
-        print(f"model: {runtime.info.name}; {len(requests)} prompts, {args.tokens} tokens each", file=sys.stderr)
-        calibration = calibrate(runtime.engine, requests, target=args.target, tokens=args.tokens)
-    path = calibration.save(args.out or models_dir())
-    choice = calibration.choice
-    print(json.dumps({"path": str(path), "target": calibration.target,
-                      "choice": choice.name if choice else None,
-                      "fallback": None if choice else "no configuration met the target: blend recomputes every row",
-                      "points": [{"name": p.name, "agreement": p.agreement, "compute_share": round(p.compute_share, 4)}
-                                 for p in calibration.points]}, indent=1))
+        corpus = read_corpus(args.corpus) if args.corpus else None
+        if args.what in ("all", "codec"):
+            texts = codec_texts(args.model, corpus, args.codec_chunks)
+            print(f"model: {runtime.info.name}; transform basis from {len(texts)} documents", file=sys.stderr)
+            record, _ = calibrate_transform(runtime.engine, texts, layer_group=args.layer_group)
+            out["codec"] = {"path": str(record.save(folder)), "transform_basis": record.transform_basis,
+                            "layer_group": record.layer_group, "chunks": record.chunks, "tokens": record.tokens}
+        if args.what in ("all", "selection"):
+            requests = (corpus_requests(corpus, args.prompts) if corpus is not None
+                        else sample_requests(args.model, args.prompts))
+            print(f"model: {runtime.info.name}; {len(requests)} prompts, {args.tokens} tokens each", file=sys.stderr)
+            calibration = calibrate(runtime.engine, requests, target=args.target, tokens=args.tokens)
+            choice = calibration.choice
+            out.update({"path": str(calibration.save(folder)), "target": calibration.target,
+                        "choice": choice.name if choice else None,
+                        "fallback": None if choice else "no configuration met the target: blend recomputes every row",
+                        "points": [{"name": p.name, "agreement": p.agreement,
+                                    "compute_share": round(p.compute_share, 4)} for p in calibration.points]})
+    print(json.dumps(out, indent=1))
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from typing_extensions import Self
 
+from ragkv.codecs.transform_basis import TransformBasis
 from ragkv.integrations.answers import (
     Answer,
     AnswerRequest,
@@ -31,6 +32,7 @@ from ragkv.integrations.strategy_params import config_from_params
 from ragkv.kvstore import ChunkKV, ModelMismatch, TieredStore, check_key, key_namespace
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.calibration import load_calibration
+from ragkv.middleware.codec_calibration import load_codec_calibration, use_codec_calibration
 from ragkv.middleware.model_registry import models_dir
 
 
@@ -49,9 +51,13 @@ class RagRuntime:
         self.store = store
         self.engine = ContextEngine(self.adapter, store, engine_config or EngineConfig())
         # what ``ragkv calibrate`` saved for this model (default: in the models directory); blend and auto use it
+        # and the transform codec's basis, whose bytes the store keeps
+        self.transform_basis: TransformBasis | None = None
         if use_calibration:
             folder = models_dir() if calibration_dir is None else calibration_dir
-            self.engine.use_calibration(load_calibration(folder, str(self.adapter.fingerprint)))
+            fingerprint = str(self.adapter.fingerprint)
+            self.engine.use_calibration(load_calibration(folder, fingerprint))
+            self.transform_basis = use_codec_calibration(load_codec_calibration(folder, fingerprint))
         self.max_waiting = max_waiting
         self.wait_timeout_s = wait_timeout_s
         self._own_store = own_store
@@ -228,6 +234,13 @@ class RagRuntime:
         return {"target": calibration.target, "prompts": calibration.prompts,
                 "choice": choice.name if choice else None, "agreement": choice.agreement if choice else None,
                 "default_blend": "calibrated choice" if choice else "every row recomputed (no candidate met the target)"}
+
+    def codec_calibration_summary(self) -> dict[str, Any] | None:
+        """The transform basis this model's chunks are coded with by default, or None when none is in use."""
+        basis = self.transform_basis
+        if basis is None:
+            return None
+        return {"transform_basis": basis.digest, "layer_group": basis.layer_group, "rank": basis.rank}
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -321,6 +321,7 @@ def create_app(state: ServiceState) -> FastAPI:
         return {"tenant": tenant.name, "namespace": tenant.namespace, "store": store_stats,
                 "service": metrics.snapshot(), "model": runtime.info.to_dict(), "waiting": runtime.waiting,
                 "calibration": runtime.calibration_summary(),
+                "codec_calibration": runtime.codec_calibration_summary(),
                 "usage": {**usage, "quota_bytes": tenant.quota_bytes, "pinned_quota_bytes": tenant.pinned_quota_bytes},
                 "tenant_metrics": metrics.tenant_snapshot(None if tenant.admin else tenant.name)}
 

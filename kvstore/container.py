@@ -41,11 +41,12 @@ DEFAULT_LIMITS = EntryLimits()
 
 def encode_entry(chunk: ChunkKV, codec: Codec, expires_at: float | None = None, key: str | None = None) -> bytes:
     """ChunkKV -> blob, with ``codec`` for the payload; ``key`` is the store key it is written under."""
-    payload = codec.encode(chunk.kv)
+    meta = chunk.meta
+    payload = codec.encode(chunk.kv, position=meta.position if meta.rope else None)
     header = {
         "key": None if key is None else check_key(key),
         "codec": codec.name,
-        "params": codec.params.to_dict(),
+        "params": codec.payload_params(chunk.kv),
         "shape": list(chunk.kv.shape),
         "dtype": DTYPE_NAMES[chunk.kv.dtype],
         "meta": chunk.meta.to_dict(),

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ragkv.codecs.transform_basis import add_basis_source
+from ragkv.kvstore.artefacts import read_artefact, write_artefact
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.config import StoreConfig, resolve_config
 from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, rewrite_header
@@ -58,6 +60,7 @@ class TieredStore:
                     t.close()
                 raise
         self.names = _unique_names(self.tiers)
+        add_basis_source(self.get_artefact)
         self.limits = EntryLimits(self.config.max_entry_elements)
         for tier in self.tiers:
             tier.limits = self.limits
@@ -287,6 +290,19 @@ class TieredStore:
 
     def delete_many(self, keys: Iterable[str]) -> int:
         return sum(1 for k in keys if self.delete(k))
+
+    # -- artefacts (see ragkv.kvstore.artefacts) ---------------------------------------------------------------
+    def put_artefact(self, data: bytes) -> str:
+        """Keep a content-addressed artefact (e.g. a transform basis) in every tier; returns its digest."""
+        self._check_open()
+        return write_artefact(self.tiers, data)
+
+    def get_artefact(self, digest: str) -> bytes | None:
+        """An artefact's verified bytes, or None (also once the store is closed). The store is a source of
+        transform bases: chunks coded against a basis it holds decode in this process without more set-up."""
+        if self._closed:
+            return None
+        return read_artefact(self.tiers, digest)
 
     def pin(self, key: str) -> None:
         """Never evict ``key`` for space from any tier (also copies promoted later). It still expires."""

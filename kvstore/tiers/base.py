@@ -85,6 +85,7 @@ class Tier:
         self.limits = EntryLimits()  # what a blob read here may declare; a TieredStore sets its own
         self._pinned: set[str] = set()
         self._lock = threading.RLock()
+        self._artefacts: dict[str, bytes] = {}
 
     @property
     def name(self) -> str:
@@ -135,6 +136,15 @@ class Tier:
                 self.delete(key)
                 return
         self.put(key, chunk, ttl_s=ttl_s)
+
+    # -- artefacts (see ``ragkv.kvstore.artefacts``): in memory here; slow tiers persist them ---------------------
+    def put_artefact(self, digest: str, data: bytes) -> None:
+        with self._lock:
+            self._artefacts[digest] = data
+
+    def get_artefact(self, digest: str) -> bytes | None:
+        with self._lock:
+            return self._artefacts.get(digest)
 
     # -- pinning: pinned keys are never evicted ---------------------------------------------------------------
     def pin(self, key: str) -> None:

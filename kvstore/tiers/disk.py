@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ragkv.kvstore.artefacts import ARTEFACT_DIR, MAX_ARTEFACT_BYTES, check_digest
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, read_header, rewrite_header
 from ragkv.kvstore.errors import CorruptEntry, TierUnavailable
@@ -312,6 +313,30 @@ class DiskTier(Tier):
             used = sum(e.size for k, e in self._entries.items() if k.startswith(prefix))
             pinned = sum(self._entries[k].size for k in self._pinned if k.startswith(prefix) and k in self._entries)
         return used, pinned
+
+    # -- artefacts: one file each under +artefacts/, outside every namespace -------------------------------------
+    def _artefact_path(self, digest: str) -> str:
+        return os.path.join(self.root, ARTEFACT_DIR, check_digest(digest))
+
+    def put_artefact(self, digest: str, data: bytes) -> None:
+        try:
+            write_atomically(self.root, self._artefact_path(digest), data, self.config.fsync, self._tmp_name())
+        except OSError as exc:
+            raise TierUnavailable(f"cannot write artefact {digest[:16]}… under {self.root}: {exc}") from exc
+
+    def get_artefact(self, digest: str) -> bytes | None:
+        path = self._artefact_path(digest)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_ARTEFACT_BYTES:
+                    logger.warning("artefact file %s is %d bytes, over the limit; ignored", path, size)
+                    return None
+                return f.read(size)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TierUnavailable(f"cannot read {path}: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:

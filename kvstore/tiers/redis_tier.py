@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from ragkv.kvstore.artefacts import ARTEFACT_KEY, MAX_ARTEFACT_BYTES, check_digest
 from ragkv.kvstore.chunk import ChunkKV, check_key, check_namespace
 from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, read_header, rewrite_header
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, TierUnavailable
@@ -370,6 +371,20 @@ class RedisTier(Tier):
             removed += sum(int(n) for n in replies or [])
         self.stats.add(deletes=removed)
         return removed
+
+    # -- artefacts: <prefix>+artefact:<digest>, no TTL, outside every namespace --------------------------------
+    def put_artefact(self, digest: str, data: bytes) -> None:
+        rkey = self._prefix + ARTEFACT_KEY + check_digest(digest)
+        self._run("set artefact", lambda client: client.set(rkey, data))
+
+    def get_artefact(self, digest: str) -> bytes | None:
+        """The artefact, or None; its length is asked first so that nothing over the limit is fetched."""
+        rkey = self._prefix + ARTEFACT_KEY + check_digest(digest)
+        size = self._run("strlen artefact", lambda client: client.strlen(rkey))
+        if not size or size > MAX_ARTEFACT_BYTES:
+            return None
+        data = self._run("get artefact", lambda client: client.get(rkey))
+        return None if data is None or len(data) > MAX_ARTEFACT_BYTES else bytes(data)
 
     # -- misc --------------------------------------------------------------------------------------------
     def used_bytes(self) -> int:

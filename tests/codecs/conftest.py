@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from codec_kv import fit_test_basis
+from codec_kv import make_codec_kv as _make_kv
 
 from ragkv.codecs import get_codec, set_decode_workers
 from ragkv.codecs.cachegen import half_range, layer_bins
@@ -18,7 +20,12 @@ CASES: list[tuple[str, dict]] = [
     ("cachegen", {"level": 1}),
     ("cachegen", {"level": 2}),
     ("cachegen", {"level": 3, "block_tokens": 32}),
+    ("transform", {"level": 1, "sink_tokens": 0}),
+    ("transform", {"level": 3}),
+    ("transform", {"level": 6, "sink_tokens": 2}),
 ]
+# (layers, kv_heads, head_dim) of every KV the codec suites encode: each gets a transform basis (see below)
+BASIS_SHAPES = [(3, 2, 8), (2, 2, 8), (5, 2, 8), (1, 1, 1), (2, 1, 4), (1, 3, 5), (2, 1, 2), (2, 2, 4), (1, 1, 4), (3, 1, 4)]
 
 
 def case_id(case: tuple[str, dict]) -> str:
@@ -36,21 +43,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("lossy_case", lossy, ids=case_id)
 
 
-def _make_kv(layers: int = 3, heads: int = 2, tokens: int = 37, dim: int = 8, dtype: torch.dtype = torch.float16,
-            seed: int = 0) -> torch.Tensor:
-    """KV [L, 2, H, T, D] shaped like real KV: per-channel offsets and spreads, a few outlier key channels,
-    an outlier token (like an attention sink), token-to-token correlation."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(layers, 2, heads, tokens, dim, generator=g)
-    smooth = torch.cumsum(torch.randn(layers, 2, heads, tokens, dim, generator=g), dim=3) * 0.1
-    spread = torch.rand(layers, 2, heads, 1, dim, generator=g) * 1.5 + 0.1
-    offset = torch.randn(layers, 2, heads, 1, dim, generator=g) * 0.5
-    kv = (base + smooth) * spread + offset
-    if dim > 2:
-        kv[:, 0, :, :, 1] *= 8.0  # outlier key channel
-    if tokens > 1:
-        kv[:, :, :, 0] *= 4.0  # outlier first token
-    return kv.to(dtype)
+@pytest.fixture(scope="session", autouse=True)
+def transform_bases():
+    """Default transform bases for every shape the suites encode, registered for the whole session."""
+    from ragkv.codecs.transform_basis import forget_basis, register_basis
+
+    digests = [register_basis(fit_test_basis(*shape)[0], default=True) for shape in BASIS_SHAPES]
+    yield digests
+    for digest in digests:
+        forget_basis(digest)
 
 
 @pytest.fixture
@@ -69,6 +70,11 @@ def make_kv():
 @pytest.fixture
 def error_bound():
     return _error_bound
+
+
+@pytest.fixture
+def transform_bound():
+    return _transform_bound
 
 
 @pytest.fixture
@@ -97,6 +103,8 @@ def _error_bound(name: str, params: dict, kv: torch.Tensor) -> torch.Tensor:
             step_k[:, :, g0:g0 + kg] = ((grp.amax(2, keepdim=True) - grp.amin(2, keepdim=True)) / levels)
         step_v = (values.amax(3, keepdim=True) - values.amin(3, keepdim=True)).expand_as(values) / levels
         step = torch.stack([step_k, step_v], dim=1)
+    elif name == "transform":
+        return _transform_bound(params, kv)
     elif name == "cachegen":
         level = params.get("level", 2)
         peak = x.abs().amax(dim=(2, 4), keepdim=True)  # [L, 2, 1, T, 1] per (layer, kind, token)
@@ -105,3 +113,42 @@ def _error_bound(name: str, params: dict, kv: torch.Tensor) -> torch.Tensor:
     else:
         raise ValueError(name)
     return step * (1 + 2.0 ** -8) + x.abs() * (output_eps(kv.dtype) + 2.0 ** -10) + 1e-30
+
+
+def _transform_bound(params: dict, kv: torch.Tensor, position: int | None = None) -> torch.Tensor:
+    """Per-element bound for the transform codec, from the coefficients of ``kv`` in its default basis: a kept
+    component errs by at most half its step (or by what its clipping cut off), a dropped one by its whole
+    coefficient; through the orthonormal components each element errs by at most sum_i |U_ci| * |e_i|, and
+    redoing RoPE (for KV encoded with a ``position``) mixes an element's error with its pair partner's."""
+    from ragkv.codecs.rotary import cos_sin
+    from ragkv.codecs.transform import LEVEL_BITS, SINK_BITS, TransformParams, layer_plans
+    from ragkv.codecs.transform_basis import default_basis_digest, find_basis, symbol_radius
+    from ragkv.codecs.transform_fit import features
+
+    p = TransformParams(**params)
+    L, _, H, T, D = kv.shape
+    basis = find_basis(default_basis_digest(L, H, D))
+    table = cos_sin(basis.inv_freq, position, T) if len(basis.inv_freq) and position is not None else None
+    sinks = min(p.sink_tokens, T)
+    out = torch.empty(kv.shape, dtype=torch.float32)
+    for layer in range(L):
+        for kind in (0, 1):
+            full = basis.group_of(layer)[kind]
+            components = torch.from_numpy(full.components).double()  # [C, R]
+            x = features(kv[layer, kind], table if kind == 0 else None).double()
+            y = (x - torch.from_numpy(full.mean).double()) @ components  # [T, R]
+            err = y.abs()
+            for bits, rows in ((SINK_BITS, slice(0, sinks)), (LEVEL_BITS[p.level], slice(sinks, T))):
+                plan = layer_plans(basis, layer, bits)[kind]
+                for width, start, end in plan.widths:
+                    for j in range(start, end):
+                        step, column = float(plan.steps[j]), int(plan.columns[j])
+                        clipped = y[rows, column].abs() - symbol_radius(width) * step
+                        err[rows, column] = clipped.clamp(min=step / 2)
+            bound = err @ components.abs().T  # [T, C]
+            bound = bound.view(T, H, D).permute(1, 0, 2)
+            if kind == 0 and table is not None:
+                bound = bound + torch.cat((bound[..., D // 2:], bound[..., :D // 2]), dim=-1)
+            out[layer, kind] = bound.float()
+    x = kv.float()
+    return out * (1 + 2.0 ** -8) + x.abs() * (output_eps(kv.dtype) + 2.0 ** -10) + 1e-4 * (x.abs().max() + 1)

@@ -50,12 +50,17 @@ def test_odd_shapes(case: tuple[str, dict], shape: tuple[int, ...], make_kv, err
         assert bool(((out.float() - kv.float()).abs() <= error_bound(name, params, kv)).all())
 
 
-def test_constant_and_zero_kv(case: tuple[str, dict]) -> None:
+def test_constant_and_zero_kv(case: tuple[str, dict], error_bound) -> None:
+    """Per-element codecs keep constant KV within 0.01; the transform codec (whose basis was calibrated on other
+    KV) within its bound, which for KV this unlike the calibration's is the energy of the dropped components."""
     name, params = case
     codec = get_codec(name, params)
     for kv in (torch.zeros(2, 2, 2, 20, 4, dtype=torch.float16), torch.full((2, 2, 2, 20, 4), -3.25)):
         out = codec.decode(codec.encode(kv), tuple(kv.shape), kv.dtype)
-        assert torch.allclose(out.float(), kv.float(), atol=1e-2)
+        if name == "transform":
+            assert bool(((out.float() - kv.float()).abs() <= error_bound(name, params, kv)).all())
+        else:
+            assert torch.allclose(out.float(), kv.float(), atol=1e-2)
 
 
 def test_decode_layers_equals_slices_of_decode(case: tuple[str, dict], make_kv) -> None:
@@ -131,9 +136,11 @@ def test_store_container_round_trip(case: tuple[str, dict], make_kv) -> None:
     blob = container.encode_entry(chunk_mod.ChunkKV(kv, meta), get_codec(name, params))
     header, chunk = container.decode_entry(blob)
     assert header.codec == name
-    assert get_codec(header.codec, header.params).params == get_codec(name, params).params
+    # the header holds what the payload decodes with: the codec's parameters, with its basis named (transform)
+    assert header.params == get_codec(name, params).payload_params(kv)
     expected = get_codec(name, params)
-    assert torch.equal(chunk.kv, expected.decode(expected.encode(kv), tuple(kv.shape), kv.dtype))
+    # the container passes the chunk's position (its keys carry RoPE): codecs that undo it use it
+    assert torch.equal(chunk.kv, expected.decode(expected.encode(kv, position=meta.position), tuple(kv.shape), kv.dtype))
     header, payload = container.read_entry(blob)
     first_layer = get_codec(header.codec, header.params).decode_layers(payload, header.shape, kv.dtype, [1])
     assert torch.equal(first_layer, chunk.kv[1:2])
