@@ -48,7 +48,7 @@ def write_artefact(tiers: Sequence[Tier], data: bytes) -> str:
     written = 0
     for tier in tiers:
         try:
-            tier.put_artefact(digest, data)
+            tier.write_artefact(digest, data)
             written += 1
         except TierUnavailable as exc:
             _log.warning("artefact %s… not written to %s: %s", digest[:16], tier.name, exc)
@@ -63,7 +63,7 @@ def read_artefact(tiers: Sequence[Tier], digest: str) -> bytes | None:
     check_digest(digest)
     for i, tier in enumerate(tiers):
         try:
-            data = tier.get_artefact(digest)
+            data = tier.read_artefact(digest)
         except TierUnavailable as exc:
             _log.debug("artefact read from %s skipped: %s", tier.name, exc)
             continue
@@ -74,7 +74,7 @@ def read_artefact(tiers: Sequence[Tier], digest: str) -> bytes | None:
             continue
         for faster in tiers[:i]:
             try:
-                faster.put_artefact(digest, data)
+                faster.write_artefact(digest, data)
             except TierUnavailable as exc:
                 _log.debug("artefact not copied up to %s: %s", faster.name, exc)
         return data

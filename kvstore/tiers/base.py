@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ragkv.codecs import Codec, CodecError, get_codec
+from ragkv.codecs.transform_basis import add_basis_source
+from ragkv.kvstore.artefacts import read_artefact, write_artefact
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.container import decode_entry, encode_entry
 from ragkv.kvstore.errors import ConfigError, CorruptEntry
@@ -86,6 +88,7 @@ class Tier:
         self._pinned: set[str] = set()
         self._lock = threading.RLock()
         self._artefacts: dict[str, bytes] = {}
+        add_basis_source(self.get_artefact)  # transform-coded entries read here find their basis here
 
     @property
     def name(self) -> str:
@@ -137,12 +140,22 @@ class Tier:
                 return
         self.put(key, chunk, ttl_s=ttl_s)
 
-    # -- artefacts (see ``ragkv.kvstore.artefacts``): in memory here; slow tiers persist them ---------------------
-    def put_artefact(self, digest: str, data: bytes) -> None:
+    # -- artefacts (see ``ragkv.kvstore.artefacts``) ----------------------------------------------------------------
+    def put_artefact(self, data: bytes) -> str:
+        """Keep a content-addressed artefact (e.g. a transform basis); returns its digest."""
+        return write_artefact([self], data)
+
+    def get_artefact(self, digest: str) -> bytes | None:
+        """An artefact's verified bytes, or None (also when the tier is down)."""
+        return read_artefact([self], digest)
+
+    def write_artefact(self, digest: str, data: bytes) -> None:
+        """Storage hook: in memory here; slow tiers persist artefacts."""
         with self._lock:
             self._artefacts[digest] = data
 
-    def get_artefact(self, digest: str) -> bytes | None:
+    def read_artefact(self, digest: str) -> bytes | None:
+        """Storage hook: the stored bytes, unverified, or None."""
         with self._lock:
             return self._artefacts.get(digest)
 

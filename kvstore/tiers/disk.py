@@ -318,13 +318,13 @@ class DiskTier(Tier):
     def _artefact_path(self, digest: str) -> str:
         return os.path.join(self.root, ARTEFACT_DIR, check_digest(digest))
 
-    def put_artefact(self, digest: str, data: bytes) -> None:
+    def write_artefact(self, digest: str, data: bytes) -> None:
         try:
             write_atomically(self.root, self._artefact_path(digest), data, self.config.fsync, self._tmp_name())
         except OSError as exc:
             raise TierUnavailable(f"cannot write artefact {digest[:16]}… under {self.root}: {exc}") from exc
 
-    def get_artefact(self, digest: str) -> bytes | None:
+    def read_artefact(self, digest: str) -> bytes | None:
         path = self._artefact_path(digest)
         try:
             with open(path, "rb", buffering=0) as f:

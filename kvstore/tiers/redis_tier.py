@@ -373,11 +373,11 @@ class RedisTier(Tier):
         return removed
 
     # -- artefacts: <prefix>+artefact:<digest>, no TTL, outside every namespace --------------------------------
-    def put_artefact(self, digest: str, data: bytes) -> None:
+    def write_artefact(self, digest: str, data: bytes) -> None:
         rkey = self._prefix + ARTEFACT_KEY + check_digest(digest)
         self._run("set artefact", lambda client: client.set(rkey, data))
 
-    def get_artefact(self, digest: str) -> bytes | None:
+    def read_artefact(self, digest: str) -> bytes | None:
         """The artefact, or None; its length is asked first so that nothing over the limit is fetched."""
         rkey = self._prefix + ARTEFACT_KEY + check_digest(digest)
         size = self._run("strlen artefact", lambda client: client.strlen(rkey))

@@ -159,6 +159,8 @@ def test_calibrate_saves_a_choice_that_the_runtime_then_uses(tmp_path: Path, mon
                      "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert Path(report["path"]).parent == out and len(report["points"]) > 5
+    digest = report["codec"]["transform_basis"]  # the transform basis, fitted on the sample's documents
+    assert Path(report["codec"]["path"]).parent == out and report["codec"]["chunks"] > 1
     assert report["choice"] is not None  # the dearest candidates keep every answer at 0.5
     chosen = next(p for p in report["points"] if p["name"] == report["choice"])
     assert chosen["agreement"] >= 0.5
@@ -169,10 +171,19 @@ def test_calibrate_saves_a_choice_that_the_runtime_then_uses(tmp_path: Path, mon
         assert runtime.engine.strategy("blend").config == runtime.engine.calibration.choice.config
         summary = runtime.calibration_summary()
         assert summary is not None and summary["choice"] == report["choice"] and summary["target"] == 0.5
+        assert runtime.codec_calibration_summary()["transform_basis"] == digest
     with RagRuntime.open("host:256MB", "toy", use_calibration=False) as runtime:
         assert runtime.engine.calibration is None and runtime.calibration_summary() is None
+        assert runtime.codec_calibration_summary() is None
     (tmp_path / "docs").mkdir()  # the user's own chunks, asked generic questions
     (tmp_path / "docs" / "a.txt").write_text("\n\n".join(f"k{i} v{i} ; the k{i + 1} v{i + 2} ;" for i in range(8)))
     assert cli_main(["calibrate", "--model", "toy", "--corpus", str(tmp_path / "docs"), "--prompts", "2",
                      "--tokens", "2", "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["target"] == 0.95
+    # the codec alone, into a disk store that then codes chunks with it (and a later process finds it there)
+    store = f"disk:{tmp_path / 'kv'}?codec=transform&codec.level=4"
+    assert cli_main(["calibrate", "--model", "toy", "--what", "codec", "--store", store, "--codec-chunks", "6",
+                     "--layer-group", "2", "--out", str(out)]) == 0
+    codec = json.loads(capsys.readouterr().out)
+    assert set(codec) == {"codec"} and codec["codec"]["layer_group"] == 2 and codec["codec"]["chunks"] == 6
+    assert (tmp_path / "kv" / "+artefacts" / codec["codec"]["transform_basis"]).is_file()
