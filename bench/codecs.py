@@ -1,16 +1,12 @@
 """Codecs: size, speed and error of every codec and level on real-shaped KV, beside peers in the same run.
 
-KV sources (each figure says which it is on):
+KV sources (each figure says which it is on; see ``codec_sources``): ``real`` (the headline), SmolLM2-135M-Instruct
+over real English text, and ``random-init``, a random-initialised Qwen2.5-0.5B shape. The transform codec's
+bases are fitted on held-out KV of the same source (other documents, other random ids): one per layer (the
+default) and one shared by all layers, to measure which wins.
 
-- ``random-init``: a random-initialised Qwen2.5-0.5B-shaped model (24 layers, hidden 896, 14 heads,
-  2 KV heads, head_dim 64), one forward over 1024 random token ids. Random weights give near-Gaussian
-  KV without the outlier channels and token-to-token structure real KV has, so entropy coding has
-  less to exploit than it would on a trained model.
-- ``real`` (the headline): SmolLM2-135M-Instruct, the default model, over real English text (the fidelity
-  set's documents). Trained KV has outlier channels and token-to-token structure that random KV lacks.
-
-Per codec and level: bytes vs fp16 and vs int8 (quant bits=8), bits per element, encode and decode
-MB/s (MB = 10**6 bytes of fp16-equivalent KV) on 1 and 2 threads/processes, max and mean absolute
+Per codec and level (transform levels 1-6 included): bytes vs fp16 and vs int8 (quant bits=8), bits per element,
+encode and decode MB/s (MB = 10**6 bytes of fp16-equivalent KV) on 1 and 2 threads/processes, max and mean absolute
 reconstruction error. Peers: zstd on fp16, int8+zstd, int4, and transformers' own quantized KV cache
 (quanto, HQQ and FP8 backends; quanto and HQQ are measured when importable). Also: how cachegen's decode
 scales with threads vs processes, and whether CacheGen's delta coding against anchor tokens helps.
@@ -30,12 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from codec_sources import fit_bases, random_init_kv, real_calibration, real_kv
 from harness import Report, parse_args, time_call
 
 from ragkv.codecs import get_codec, set_decode_workers, start_decode_pool, stop_decode_pool
 from ragkv.codecs.cachegen import half_range, layer_bins, level_summary
 from ragkv.codecs.cachegen_stream import encode_section
 from ragkv.codecs.parallel import thread_map
+from ragkv.codecs.transform import DEFAULT_LEVEL as TRANSFORM_DEFAULT_LEVEL
+from ragkv.codecs.transform import LEVEL_BITS
 
 MB = 1e6
 
@@ -54,59 +53,16 @@ SUITE: list[tuple[str, str, dict[str, Any]]] = [
 ]
 INT8_LABEL = "int8 (KIVI)"
 MID_LABEL = "cachegen level 2 (mid)"
+TRANSFORM_DEFAULT_LABEL = f"transform level {TRANSFORM_DEFAULT_LEVEL}"
 
 
-# -- KV sources ------------------------------------------------------------------------------------------
-
-
-def kv_from_cache(cache: Any) -> torch.Tensor:
-    """transformers 5.x DynamicCache -> kv [L, 2, H, T, D] (batch 0)."""
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-
-
-def random_init_kv(quick: bool, tokens: int) -> tuple[torch.Tensor, str]:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    if quick:
-        config = Qwen2Config(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=256, vocab_size=1000)
-        tokens = 64
-        what = "random-init tiny Qwen2 (2 layers, hidden 128, 2 KV heads, head_dim 32), 64 random tokens"
-    else:
-        config = Qwen2Config(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
-                             intermediate_size=4864, vocab_size=32000, max_position_embeddings=32768,
-                             tie_word_embeddings=True)
-        what = f"random-init Qwen2.5-0.5B shape (24 layers, hidden 896, 14 heads, 2 KV heads, head_dim 64), " \
-               f"{tokens} random tokens"
-    model = Qwen2ForCausalLM(config).eval()
-    ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-    return kv_from_cache(out.past_key_values).to(torch.float16).contiguous(), what
-
-
-def real_kv(tokens: int) -> tuple[torch.Tensor, str]:
-    """KV of SmolLM2-135M-Instruct (the default model, float32 forward, stored as fp16) over real English text:
-    the documents of the fidelity question set, one after another."""
-    import fidelity_set  # a sibling script: bench/ is on sys.path when run
-
-    from ragkv.integrations.models import load_model
-
-    loaded = load_model()
-    ids: list[int] = []
-    for question in fidelity_set.load():
-        for doc in question.documents:
-            ids.extend(loaded.tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"])
-        if len(ids) >= tokens:
-            break
-    with torch.no_grad():
-        out = loaded.model(input_ids=torch.tensor([ids[:tokens]]), use_cache=True)
-    kv = kv_from_cache(out.past_key_values).to(torch.float16).contiguous()
-    c = loaded.model.config
-    what = (f"real: SmolLM2-135M-Instruct ({c.num_hidden_layers} layers, {c.num_key_value_heads} KV heads, head_dim "
-            f"{kv.shape[-1]}), {kv.shape[3]} tokens of English text (the fidelity set's documents)")
-    return kv, what
+def transform_suite(bases: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Transform levels with the per-layer basis, and the default level with the basis shared by all layers."""
+    rows = [(f"transform level {level}", "transform", {"level": level, "basis": bases["per layer"].digest})
+            for level in sorted(LEVEL_BITS)]
+    rows.append((f"transform level {TRANSFORM_DEFAULT_LEVEL}, one basis for all layers", "transform",
+                 {"level": TRANSFORM_DEFAULT_LEVEL, "basis": bases["all layers"].digest}))
+    return rows
 
 
 # -- measurements ----------------------------------------------------------------------------------------
@@ -135,16 +91,16 @@ def measure_codec(kv: torch.Tensor, name: str, params: dict[str, Any], repeat: i
     shape, dtype = tuple(kv.shape), kv.dtype
     fp16_bytes = kv.numel() * 2
     result: dict[str, Any] = {}
-    payload = codec.encode(kv)
+    payload = codec.encode(kv, position=0)  # keys at positions 0 ..: the transform codec undoes RoPE there
     for threads in (1, 2):
         set_threads(threads)
-        enc_med = timed(lambda: codec.encode(kv), repeat)[0]
+        enc_med = timed(lambda: codec.encode(kv, position=0), repeat)[0]
         dec_med, dec_best = timed(lambda: codec.decode(payload, shape, dtype), repeat)
         result[f"encode_mbps_{threads}"] = fp16_bytes / MB / enc_med
         result[f"decode_mbps_{threads}"] = fp16_bytes / MB / dec_med
         result[f"decode_mbps_{threads}_best"] = fp16_bytes / MB / dec_best
     set_threads(1)
-    assert codec.encode(kv) == payload, f"{name} {params}: encoding is not deterministic"
+    assert codec.encode(kv, position=0) == payload, f"{name} {params}: encoding is not deterministic"
     out = codec.decode(payload, shape, dtype)
     result["bytes"] = len(payload)
     result["max_err"], result["mean_err"] = errors(out, kv)
@@ -386,12 +342,13 @@ def delta_experiment(kv: torch.Tensor, anchor_every: int = 10) -> dict[str, floa
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def run_source(report: Report, tag: str, kv: torch.Tensor, what: str, repeat: int, quick: bool) -> dict[str, Any]:
+def run_source(report: Report, tag: str, kv: torch.Tensor, what: str, repeat: int, quick: bool,
+               suite: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:
     print(f"\n[{tag}] {what}: kv {tuple(kv.shape)} {kv.dtype}", flush=True)
     n = kv.numel()
     fp16_bytes = n * 2
     results = {}
-    for label, name, params in SUITE:
+    for label, name, params in suite:
         results[label] = measure_codec(kv, name, params, repeat)
         r = results[label]
         print(f"  {label:28s} {fp16_bytes / r['bytes']:6.2f}x  dec1 {r['decode_mbps_1']:7.1f}  "
@@ -424,11 +381,16 @@ def main() -> None:
 
     kv, what = real_kv(64 if args.quick else args.tokens)
     report.setup["kv_real"] = what
+    samples, inv_freq = real_calibration(4 if args.quick else 64)
+    bases = fit_bases(samples, inv_freq)
+    report.setup["transform_basis_real"] = (f"fitted on {len(samples)} held-out documents "
+                                            f"({sum(s.shape[3] for s, _ in samples)} tokens), one basis per layer; "
+                                            f"level budgets (bits/element) {LEVEL_BITS}")
     report.setup["kv_dtype"] = "float16"
     report.setup["bins_per_level"] = {str(k): v for k, v in level_summary(kv.shape[0]).items()}
     report.setup["threads"] = "1 and 2: torch.set_num_threads(n) and ragkv.codecs.set_decode_workers(n)"
     report.setup["load_average_at_start"] = list(os.getloadavg())
-    main_run = run_source(report, "real", kv, what, repeat, args.quick)
+    main_run = run_source(report, "real", kv, what, repeat, args.quick, SUITE + transform_suite(bases))
     res, int8, n = main_run["results"], main_run["int8_bytes"], main_run["n"]
     mid = res[MID_LABEL]
     report.figure("cachegen_mid_vs_int8", int8 / mid["bytes"])
@@ -438,7 +400,18 @@ def main() -> None:
     report.figure("cachegen_mid_vs_fp16", main_run["fp16_bytes"] / mid["bytes"])
     report.figure("cachegen_mid_mean_abs_error", mid["mean_err"])
     report.figure("int8_mean_abs_error", res[INT8_LABEL]["mean_err"])
-    report.note("headline figures (cachegen_*) are on real KV: SmolLM2-135M-Instruct over English text")
+    report.note("headline figures (cachegen_*, transform_*) are on real KV: SmolLM2-135M-Instruct over English text")
+    transform = res[TRANSFORM_DEFAULT_LABEL]
+    report.figure("transform_decode_mbps_2cores", transform["decode_mbps_2"])
+    report.figure("transform_decode_mbps_1core", transform["decode_mbps_1"])
+    report.figure("transform_default_vs_int8", int8 / transform["bytes"])
+    shared = res[f"{TRANSFORM_DEFAULT_LABEL}, one basis for all layers"]
+    report.figure("transform_shared_basis_bytes_vs_per_layer", shared["bytes"] / transform["bytes"])
+    report.figure("transform_shared_basis_error_vs_per_layer", shared["mean_err"] / transform["mean_err"])
+    for level in sorted(LEVEL_BITS):
+        r = res[f"transform level {level}"]
+        report.figure(f"transform_level{level}_vs_int8", int8 / r["bytes"])
+        report.figure(f"transform_level{level}_bits_per_element", 8 * r["bytes"] / n)
 
     scaling, cpu = decode_scaling(kv, repeat)
     report.table("[real] cachegen mid decode: threads vs processes (MB/s fp16-equivalent; CPU ms = "
@@ -466,9 +439,10 @@ def main() -> None:
     if args.quick:
         report.note("quick run: random-init KV skipped")
     else:  # the comparison source: how differently random-initialised KV compresses
-        rkv, rwhat = random_init_kv(args.quick, args.tokens)
+        rkv, rwhat, rsamples, rinv = random_init_kv(args.quick, args.tokens)
         report.setup["kv_random_init"] = rwhat
-        rrun = run_source(report, "random-init", rkv, rwhat, repeat, args.quick)
+        rbases = fit_bases(rsamples, rinv)
+        rrun = run_source(report, "random-init", rkv, rwhat, repeat, args.quick, SUITE + transform_suite(rbases))
         rmid = rrun["results"][MID_LABEL]
         report.figure("random_init_cachegen_mid_vs_int8", rrun["int8_bytes"] / rmid["bytes"])
         report.figure("random_init_cachegen_mid_bits_per_element", 8 * rmid["bytes"] / rrun["n"])
