@@ -27,6 +27,9 @@ from typing import Any
 
 import fidelity_set  # a sibling script: bench/ is on sys.path when a script here runs
 import torch
+from fidelity_codecs import CODECS, QUICK_CODECS, codec_context, codec_figures, finite, fit_transform_basis
+from fidelity_codecs import PLOT as CODEC_PLOT
+from fidelity_codecs import plot_size_vs_drop
 from harness import Report, median, parse_args
 
 from ragkv.codecs import get_codec
@@ -42,9 +45,6 @@ from ragkv.middleware import (
 
 AGREEMENT_TOKENS = 16
 DEFAULT = "blend 0.15 (default)"
-CODECS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("int8", "quant", {"bits": 8}), ("int4", "quant", {"bits": 4}), ("cachegen-1", "cachegen", {"level": 1}),
-    ("cachegen-2 (mid)", "cachegen", {"level": 2}), ("cachegen-3", "cachegen", {"level": 3}))
 PLOT = Path(__file__).resolve().parent / "fidelity_accuracy_vs_ttft.png"
 
 
@@ -63,9 +63,14 @@ class Scores:
     kinds: list[str] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    bits: list[float] = field(default_factory=list)  # codec rows: bits per KV element of each prompt's payload
 
 
-def configurations(quick: bool) -> list[Config]:
+def configurations(quick: bool, codecs_only: bool = False) -> list[Config]:
+    codecs = [c for c in CODECS if not quick or c[0] in QUICK_CODECS]
+    codec_rows = [Config(f"full via {name}", codec=(codec, params)) for name, codec, params in codecs]
+    if codecs_only:
+        return [Config("full", "full"), *codec_rows]
     rows = [Config("full", "full"), Config("reuse", "reuse"), Config(DEFAULT, "blend", BlendConfig())]
     if not quick:
         rows.insert(1, Config("prefix (repeated prompt)", "prefix", repeat_prompt=True))
@@ -76,26 +81,7 @@ def configurations(quick: bool) -> list[Config]:
                  Config("random 0.15 (control)", "blend", BlendConfig(selector="random")),
                  Config("compress keep 0.5", "compress", CompressConfig()),
                  Config("auto", "auto")]
-    codecs = CODECS if not quick else CODECS[3:4]
-    rows += [Config(f"full via {name}", codec=(codec, params)) for name, codec, params in codecs]
-    return rows
-
-
-@torch.no_grad()
-def codec_context(engine: ContextEngine, request: PrepareRequest, codec: Any) -> Any:
-    """A prepared context of full prefill whose KV (all prompt tokens but the last) went through ``codec``."""
-    adapter = engine.adapter
-    prompt = engine.assemble(request)
-    ids = prompt.input_ids
-    kv = adapter.prefill(torch.tensor([ids[:-1]])).kv  # [L, 2, 1, H, P, D]
-    source = kv[:, :, 0].contiguous()  # [L, 2, H, P, D]
-    decoded = codec.decode(codec.encode(source), tuple(source.shape), source.dtype)[:, :, None]
-    last = adapter.prefill(torch.tensor([ids[-1:]]), start_position=len(ids) - 1, past=decoded)
-    full_kv = torch.cat((decoded, last.kv), dim=4)
-    from ragkv.middleware.context import PreparedContext
-
-    return PreparedContext(cache=adapter.make_cache(full_kv), logits=adapter.logits(last.hidden[:, -1:])[0, 0],
-                           input_ids=ids, next_position=len(ids), chunks=[], strategy="full+codec")
+    return rows + codec_rows
 
 
 def run(engine: ContextEngine, questions: Sequence[Any], config: Config, max_new_tokens: int) -> Scores:
@@ -105,7 +91,8 @@ def run(engine: ContextEngine, questions: Sequence[Any], config: Config, max_new
     for q in questions:
         request = PrepareRequest(query=q.question, chunks=list(q.documents))
         if codec is not None:
-            prepared = codec_context(engine, request, codec)
+            prepared, bits = codec_context(engine, request, codec)
+            scores.bits.append(bits)
         else:
             strategy = engine.strategy(config.strategy, config.config)
             if config.repeat_prompt:
@@ -214,7 +201,9 @@ def main() -> None:
         p.add_argument("--questions", type=int, default=None, help="questions (default 180; quick 3)"),
         p.add_argument("--max-new-tokens", type=int, default=None, help="default 24 (quick: 8)"),
         p.add_argument("--repeat", type=int, default=None, help="timed TTFT runs per strategy (default 5)"),
-        p.add_argument("--threads", type=int, default=None)))
+        p.add_argument("--threads", type=int, default=None),
+        p.add_argument("--codecs-only", action="store_true", help="full prefill and the codec rows only"),
+        p.add_argument("--codecs", default=None, help="comma-separated codec row prefixes to run (default: all)")))
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.questions or (3 if args.quick else fidelity_set.DEFAULT_QUESTIONS)
@@ -233,15 +222,19 @@ def main() -> None:
                     "ttft_prompt": f"{chunks} chunks x {tokens} tokens", "ttft_repeat": repeat,
                     "ttft_statistic": "median after one untimed run, the same for every row",
                     "threads": torch.get_num_threads()}
+    report.setup["transform_basis"] = fit_transform_basis(engine, args.quick)
     engine.warm([d for q in questions for d in q.documents])
-    configs = configurations(args.quick)
+    configs = configurations(args.quick, args.codecs_only)
+    if args.codecs:
+        wanted = tuple(f"full via {p.strip()}" for p in args.codecs.split(","))
+        configs = [c for c in configs if not c.codec or c.name.startswith(wanted)]
     scores: dict[str, Scores] = {}
     for config in configs:
         start = time.perf_counter()
         scores[config.name] = run(engine, questions, config, max_new_tokens)
         print(f"  {config.name}: {time.perf_counter() - start:.0f} s", flush=True)
     ttft = measure_ttft(engine, configs, chunks, tokens, repeat)
-    full_ttft = ttft["full"]
+    full_ttft = ttft.get("full", float("nan"))
     full = scores["full"]
     rows, points = [], []
     results: dict[str, dict[str, float]] = {}
@@ -249,13 +242,21 @@ def main() -> None:
         m = compare(scores[config.name], full)
         ratio = ttft[config.name] / full_ttft if config.name in ttft else None
         results[config.name] = m
+        bits = finite(scores[config.name].bits) if config.codec else None
         rows.append([config.name, m["accuracy"], m["single"], m["two_doc"], m["agreement"], m["kl"], m["top1"],
-                     ratio])
+                     ratio, bits])
         if ratio is not None:
             points.append((config.name, ratio, m["accuracy"], m["agreement"]))
     report.table("fidelity vs full prefill (SmolLM2-135M-Instruct)",
                  ["configuration", "accuracy", "single", "two-doc", "agreement", "first-token KL", "top-1",
-                  "TTFT / full"], rows)
+                  "TTFT / full", "bits/elem"], rows)
+    codec_rows = codec_figures(report, results, {c.name: finite(scores[c.name].bits) for c in configs if c.codec})
+    if not args.quick and plot_size_vs_drop(codec_rows):
+        report.note(f"plot: {CODEC_PLOT.name}")
+    if args.codecs_only:
+        report.figure("real_full_accuracy", results["full"]["accuracy"])
+        report.write()
+        return
     full_acc = results["full"]["accuracy"]
     mid = results[next(c.name for c in configs if c.codec and c.codec[1].get("level") == 2)]
     report.figure("real_full_accuracy", full_acc)

@@ -54,7 +54,7 @@ _HEADER = struct.Struct("<BBBBII8s")
 _WORDS = struct.Struct("<I")
 FLAG_ROPE_UNDONE = 1
 # level -> budget in bits per element (before entropy coding, which takes it lower still)
-LEVEL_BITS: dict[int, float] = {1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0, 5: 3.0, 6: 4.0}
+LEVEL_BITS: dict[int, float] = {1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0, 5: 3.0, 6: 4.0, 7: 5.0, 8: 6.0}
 DEFAULT_LEVEL = 3
 SINK_BITS = 6.0
 DEFAULT_SINK_TOKENS = 4
