@@ -216,16 +216,19 @@ class CacheGenCodec(Codec):
         def finished(_: np.ndarray, layer: int, data: bytes) -> None:
             parts[layer] = data
 
+        if not pool.lock.acquire(blocking=False):  # busy with another call: encode here rather than queue
+            return super().encode(kv)
         try:
-            with pool.lock:
-                pool.run("cachegen_encode_layer", raw, 0, spec, num_layers,
-                         lambda buf, out, layer: self.encode_layer(kv[layer], layer, num_layers), finished)
+            pool.run("cachegen_encode_layer", raw, 0, spec, num_layers,
+                     lambda buf, out, layer: self.encode_layer(kv[layer], layer, num_layers), finished)
         except TaskFailed as exc:
             if exc.codec_error:
                 raise CodecError(str(exc)) from None
             raise
         except PoolBroken:
             return super().encode(kv)
+        finally:
+            pool.lock.release()
         offsets = [0]
         for part in parts:
             offsets.append(offsets[-1] + len(part))
@@ -296,12 +299,15 @@ class CacheGenCodec(Codec):
         pool = None
         if workers > 1 and total >= POOL_MIN_SYMBOLS and len(units) > 1:
             pool = get_pool(workers - 1, wait=False)
-        if pool is not None:
+        # a pool busy with another call is not waited for: this call decodes in-process instead
+        if pool is not None and pool.lock.acquire(blocking=False):
             try:
-                with pool.lock:
-                    pool.run("cachegen_decode_unit", view, total, units, len(units),
-                             lambda buf, symbols, unit: decode_unit_task(buf, symbols, units, unit, sides[unit]),
-                             finished)
+                # the helpers get only the requested layers' bytes, laid end to end (not the whole payload
+                # per call: a layer-by-layer load would otherwise copy it once per layer)
+                segments, pooled = _requested_layers(view, base, table, layers, units)
+                pool.run("cachegen_decode_unit", segments, total, pooled, len(pooled),
+                         lambda buf, symbols, unit: decode_unit_task(buf, symbols, pooled, unit, sides[unit]),
+                         finished)
                 return out
             except TaskFailed as exc:
                 if exc.codec_error:
@@ -309,11 +315,31 @@ class CacheGenCodec(Codec):
                 raise
             except PoolBroken:
                 pass  # decode in-process below (the next call starts a fresh pool)
+            finally:
+                pool.lock.release()
         symbols = scratch_numpy("cachegen_symbols", total)
         for unit in range(len(units)):
             decode_unit_task(view, symbols, units, unit, sides[unit])
             finished(symbols, unit)
         return out
+
+
+def _requested_layers(view: memoryview, base: int, table: Sequence[int], layers: Sequence[int],
+                      units: Sequence[_Unit]) -> tuple[list[memoryview], list[_Unit]]:
+    """The requested layers' bytes as segments laid end to end, and the units re-based onto that layout."""
+    segments: list[memoryview] = []
+    rebased: list[_Unit] = []
+    pos = 0
+    for j, layer in enumerate(layers):
+        start, end = base + table[layer], base + table[layer + 1]
+        shift = pos - start
+        segments.append(view[start:end])
+        for unit in units[2 * j:2 * j + 2]:
+            plan = unit.plan._replace(side_off=unit.plan.side_off + shift, lengths_off=unit.plan.lengths_off + shift,
+                                      words_off=unit.plan.words_off + shift)
+            rebased.append(unit._replace(plan=plan))
+        pos += end - start
+    return segments, rebased
 
 
 def _dequantize(symbols: np.ndarray, unit: _Unit, scales: np.ndarray, heads: int, dim: int,

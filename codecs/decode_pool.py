@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -205,27 +205,33 @@ class DecodePool:
         os.ftruncate(fd, new)
         return new
 
-    def run(self, task: str, payload: memoryview, out_size: int, spec: Any, nunits: int,
+    def run(self, task: str, payload: memoryview | Sequence[memoryview], out_size: int, spec: Any, nunits: int,
             local: Callable[[memoryview, np.ndarray, int], Any],
             finished: Callable[[np.ndarray, int, Any], None]) -> None:
         """Decode ``nunits`` units: helpers run ``TASKS[task]``, the caller runs ``local``; both claim
-        units from the queue. ``finished(out, unit, result)`` runs in the caller once per unit, in
-        completion order, while other units may still be running; ``out`` is the shared uint8 output
-        buffer and ``result`` what the task returned (small: it travels through the socket).
-        Call with ``self.lock`` held.
+        units from the queue. ``payload`` is the bytes the units read, or the segments that laid end to end
+        make them (copied once into the shared input buffer: a caller passes only what the units need).
+        ``finished(out, unit, result)`` runs in the caller once per unit, in completion order, while other
+        units may still be running; ``out`` is the shared uint8 output buffer and ``result`` what the task
+        returned (small: it travels through the socket). Call with ``self.lock`` held.
         """
+        segments = [payload] if isinstance(payload, memoryview) else list(payload)
+        size = sum(len(seg) for seg in segments)
         if self.broken:
             raise PoolBroken("pool is broken")
         if nunits > MAX_UNITS:
             raise PoolBroken(f"{nunits} units exceed the queue's {MAX_UNITS}")
-        self._in_size = self._grow(self._in_fd, self._in_size, len(payload))
+        self._in_size = self._grow(self._in_fd, self._in_size, size)
         self._out_size = self._grow(self._out_fd, self._out_size, out_size)
-        in_view = memoryview(self._inbuf.ensure(self._in_size))[:len(payload)]
+        in_view = memoryview(self._inbuf.ensure(self._in_size))[:size]
         out = np.frombuffer(self._outbuf.ensure(self._out_size), dtype=np.uint8, count=out_size)
         try:
-            in_view[:] = payload
+            pos = 0
+            for seg in segments:
+                in_view[pos:pos + len(seg)] = seg
+                pos += len(seg)
             os.write(self._queue_w, b"".join(u.to_bytes(TOKEN, "little") for u in range(nunits)))
-            msg = (task, len(payload), out_size, spec)
+            msg = (task, size, out_size, spec)
             try:
                 for conn in self._conns:
                     conn.send(msg)

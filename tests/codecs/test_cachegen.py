@@ -2,6 +2,8 @@
 block independence, and decoding through the helper-process pool."""
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,34 @@ def test_pool_decode_equals_in_process(make_kv, two_workers) -> None:
         assert torch.equal(codec.decode(payload, tuple(kv.shape), kv.dtype), expected)
     finally:
         set_decode_workers(2)
+
+
+def test_a_layer_decode_sends_the_helpers_that_layer_only_and_a_busy_pool_is_not_waited_for(
+        make_kv, two_workers, monkeypatch) -> None:
+    from ragkv.codecs.decode_pool import DecodePool
+
+    kv = make_kv(layers=6, heads=2, tokens=600, dim=64, seed=8)
+    codec = get_codec("cachegen", {"level": 2})
+    payload = codec.encode(kv)
+    expected = codec.decode(payload, tuple(kv.shape), kv.dtype)
+    pool = get_pool(1)
+    sent: list[int] = []
+    real_run = DecodePool.run
+
+    def spying_run(self, task, segments, *args, **kwargs):
+        sent.append(sum(len(s) for s in segments))
+        return real_run(self, task, segments, *args, **kwargs)
+
+    monkeypatch.setattr(DecodePool, "run", spying_run)
+    table = struct.unpack_from("<7Q", payload, 0)
+    for layer in (0, 4):
+        assert torch.equal(codec.decode_layers(payload, tuple(kv.shape), kv.dtype, [layer]), expected[[layer]])
+        assert sent[-1] == table[layer + 1] - table[layer]  # that layer's bytes, not the payload's
+    assert torch.equal(codec.decode_layers(payload, tuple(kv.shape), kv.dtype, [5, 2, 5]), expected[[5, 2, 5]])
+    calls = len(sent)
+    with pool.lock:  # another call holds the pool: this one decodes in-process at once
+        assert torch.equal(codec.decode(payload, tuple(kv.shape), kv.dtype), expected)
+        assert len(sent) == calls
 
 
 def test_decode_workers_setting_is_validated() -> None:
