@@ -21,6 +21,11 @@ def scratch_numpy(name: str, nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
+def scratch_int32(name: str, count: int) -> np.ndarray:
+    """A per-thread reusable int32 array of ``count`` items (contents undefined)."""
+    return scratch_numpy(name, 4 * count).view(np.int32)
+
+
 def scratch_float32(name: str, shape: Sequence[int]) -> np.ndarray:
     """A per-thread reusable float32 array of ``shape`` (contents undefined)."""
     n = 1
@@ -75,6 +80,7 @@ __all__ = [
     "as_float32",
     "copy_serial",
     "scratch_float32",
+    "scratch_int32",
     "scratch_numpy",
     "write_float32",
 ]

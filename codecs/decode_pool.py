@@ -41,6 +41,7 @@ import numpy as np
 TASKS: dict[str, str] = {
     "cachegen_decode_unit": "ragkv.codecs.cachegen:decode_unit_task",
     "cachegen_encode_layer": "ragkv.codecs.cachegen:encode_layer_task",
+    "transform_decode_layer": "ragkv.codecs.transform_stream:decode_unit_task",
 }
 
 HELPER_TIMEOUT_S = 120.0

@@ -28,17 +28,28 @@ from __future__ import annotations
 import functools
 import heapq
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from ragkv.codecs.base import CodecError, CodecParams, check_encode_input, join_layers, register_codec
+from ragkv.codecs.base import (
+    CodecError,
+    CodecParams,
+    check_decode_args,
+    check_encode_input,
+    join_layers,
+    register_codec,
+)
+from ragkv.codecs.buffers import scratch_float32, scratch_int32, write_float32
+from ragkv.codecs.decode_pool import PoolBroken, TaskFailed, get_pool
 from ragkv.codecs.layered import ValidatingCodec
 from ragkv.codecs.optional_deps import require_constriction
+from ragkv.codecs.parallel import decode_workers
 from ragkv.codecs.payload import ByteReader
-from ragkv.codecs.rotary import cos_sin, rotate
+from ragkv.codecs.rotary import cos_sin
 from ragkv.codecs.transform_basis import (
     MAX_WIDTH,
     STEP_SIGMAS,
@@ -48,6 +59,7 @@ from ragkv.codecs.transform_basis import (
     symbol_radius,
 )
 from ragkv.codecs.transform_fit import features
+from ragkv.codecs.transform_stream import Piece, StreamUnit, decode_symbols, layer_pieces
 
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<BBBBII8s")
@@ -60,6 +72,7 @@ SINK_BITS = 6.0
 DEFAULT_SINK_TOKENS = 4
 MAX_SINK_TOKENS = 255
 MAX_POSITION = (1 << 32) - 1
+POOL_MIN_SYMBOLS = 1 << 17  # below this many symbols a decode stays in-process (the round trip costs more)
 
 
 @dataclass(frozen=True)
@@ -88,10 +101,11 @@ class KindPlan(NamedTuple):
     mean: torch.Tensor  # [C] float32
     steps: torch.Tensor  # [k] float32
     widths: list[tuple[int, int, int]]  # (width, first kept column, end kept column)
-    # decoding in one product: x = symbol_offset + symbols [t, k] @ scaled_reconstruction, where the rows of
+    # decoding in one product: x = offset + symbols [t, k] @ reconstruction, where the rows of
     # the reconstruction are scaled by the steps and the symbols' radius is folded into the offset
-    scaled_reconstruction: torch.Tensor  # [k, C] float32
-    symbol_offset: torch.Tensor  # [C] float32
+    reconstruction_array: np.ndarray  # [k, C] float32, the rows scaled by the steps
+    offset_array: np.ndarray  # [C] float32, the mean with the symbols' radius folded in
+    mean_array: np.ndarray  # [C] float32
 
 
 def allocate_widths(key_variances: np.ndarray, value_variances: np.ndarray, budget: int) -> tuple[np.ndarray, ...]:
@@ -132,7 +146,7 @@ def _kind_plan(kind_basis: Any, widths: np.ndarray) -> KindPlan:
     scaled = projection.T.astype(np.float64) * steps.astype(np.float64)[:, None]  # [k, C]
     offset = kind_basis.mean.astype(np.float64) - radius @ scaled
     return KindPlan(columns, torch.from_numpy(projection), torch.from_numpy(kind_basis.mean), torch.from_numpy(steps), spans,
-                    torch.from_numpy(scaled.astype(np.float32)), torch.from_numpy(offset.astype(np.float32)))
+                    scaled.astype(np.float32), offset.astype(np.float32), kind_basis.mean.astype(np.float32))
 
 
 def layer_plans(basis: TransformBasis, layer: int, bits: float) -> tuple[KindPlan, KindPlan]:
@@ -158,6 +172,20 @@ def _rope_table(basis: TransformBasis, position: int, tokens: int) -> tuple[torc
     """cos/sin ``[T, D]`` for tokens at ``position ..``: rows of a cached table whose length is a power of two."""
     cos, sin = _rope_rows(basis.inv_freq.tobytes(), position, max(1, 1 << (tokens - 1).bit_length()))
     return cos[:tokens], sin[:tokens]
+
+
+def _rope_table_numpy(basis: TransformBasis, position: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    cos, sin = _rope_table(basis, position, tokens)
+    return cos.numpy(), sin.numpy()
+
+
+def rotate_numpy(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """float32 ``[..., D]`` keys rotated forward by the angles whose cos/sin broadcast against them (new array)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 @functools.lru_cache(maxsize=32)
@@ -262,44 +290,104 @@ class TransformCodec(ValidatingCodec):
         reader.done()
         return _LayerPlan(basis, sinks, position if flags else None, words, layer_index)
 
+    def _layer_pieces(self, plan: _LayerPlan, tokens: int) -> tuple[Piece, ...]:
+        sink_plans = layer_plans(plan.basis, plan.layer, SINK_BITS)
+        plans = layer_plans(plan.basis, plan.layer, self.bits)
+        return layer_pieces([(p, rows) for kind in (0, 1)
+                             for p, rows in ((sink_plans[kind], plan.sinks), (plans[kind], tokens - plan.sinks))])
+
     def decode_planned(self, plan: _LayerPlan, shape: tuple[int, int, int, int], dtype: torch.dtype,
                        out: torch.Tensor) -> None:
+        pieces = self._layer_pieces(plan, shape[2])
+        symbols = scratch_int32("transform_symbols", sum(p.count for p in pieces))
+        decode_symbols(plan.words, pieces, lambda width: width_model(plan.basis, width), symbols,
+                       f"transform layer {plan.layer}")
+        self._reconstruct(plan, symbols, shape, out)
+
+    def _reconstruct(self, plan: _LayerPlan, symbols: np.ndarray, shape: tuple[int, int, int, int],
+                     out: torch.Tensor) -> None:
+        """A layer's decoded symbols (int32, stream order) -> ``out`` ``[2, H, T, D]``. numpy on this thread:
+        torch's intra-op threads cost far more than they save on these sizes when the cores are shared."""
         _, heads, tokens, dim = shape
         basis, sinks = plan.basis, plan.sinks
         sink_plans = layer_plans(basis, plan.layer, SINK_BITS)
         plans = layer_plans(basis, plan.layer, self.bits)
-        coder = require_constriction().stream.stack.AnsCoder(plan.words) if len(plan.words) else None
-        try:
-            for kind in (0, 1):
-                x = torch.empty((tokens, heads * dim), dtype=torch.float32)
-                for kind_plan, lo, hi in ((sink_plans[kind], 0, sinks), (plans[kind], sinks, tokens)):
-                    self._decode_rows(coder, basis, kind_plan, x[lo:hi], layer=plan.layer)
-                x = x.view(tokens, heads, dim).permute(1, 0, 2)  # [H, T, D]
-                if kind == 0 and plan.position is not None:
-                    x = rotate(x, *_rope_table(basis, plan.position, tokens))
-                out[kind].copy_(x)
-            clean = coder is None or coder.is_empty()
-        except (ValueError, KeyError, RuntimeError, OverflowError) as exc:
-            raise CodecError(f"transform layer {plan.layer}: corrupt stream: {exc}") from exc
-        if not clean:
-            raise CodecError(f"transform layer {plan.layer}: stream does not end where its symbols do")
+        x = scratch_float32("transform_features", (tokens, heads * dim))
+        pos = 0
+        for kind in (0, 1):
+            for kind_plan, lo, hi in ((sink_plans[kind], 0, sinks), (plans[kind], sinks, tokens)):
+                if hi == lo:
+                    continue
+                rows = x[lo:hi]
+                if not kind_plan.widths:
+                    rows[:] = kind_plan.mean_array
+                    continue
+                kept = kind_plan.projection.shape[1]
+                block = symbols[pos:pos + kept * (hi - lo)].reshape(kept, hi - lo)  # [k, t]
+                pos += kept * (hi - lo)
+                np.matmul(block.T.astype(np.float32), kind_plan.reconstruction_array, out=rows)
+                rows += kind_plan.offset_array
+            x3 = x.reshape(tokens, heads, dim)
+            if kind == 0 and plan.position is not None:
+                cos, sin = _rope_table_numpy(basis, plan.position, tokens)
+                x3 = rotate_numpy(x3, cos[:, None, :], sin[:, None, :])
+            write_float32(out[kind], x3.transpose(1, 0, 2))  # [H, T, D]
 
-    @staticmethod
-    def _decode_rows(coder: Any, basis: TransformBasis, plan: KindPlan, rows: torch.Tensor, layer: int) -> None:
-        """Decode ``rows`` (``[t, C]`` float32, filled in place) from the stream."""
-        count = rows.shape[0]
-        if count == 0:
-            return
-        if not plan.widths:
-            rows.copy_(plan.mean.expand_as(rows))
-            return
-        if coder is None:
-            raise CodecError(f"transform layer {layer}: stream is empty but symbols are expected")
-        symbols = np.empty((plan.projection.shape[1], count), dtype=np.int32)  # [k, t]
-        for width, start, end in plan.widths:
-            symbols[start:end] = coder.decode(width_model(basis, width), (end - start) * count).reshape(-1, count)
-        torch.addmm(plan.symbol_offset, torch.from_numpy(symbols).T.to(torch.float32), plan.scaled_reconstruction,
-                    out=rows)
+    def decode_layers(self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype,
+                      layers: Sequence[int]) -> torch.Tensor:
+        """As every validating codec (each requested layer checked before the output is allocated); with
+        ``decode_workers() > 1`` and enough symbols, pool helpers decode layers' streams while this thread
+        reconstructs the finished ones."""
+        num_layers, heads, tokens, dim, layers = check_decode_args(shape, dtype, layers)
+        views = self._layer_views(payload, num_layers)
+        layer_shape = (2, heads, tokens, dim)
+        plans = [self.plan_layer(views[i], layer_shape, dtype, i, num_layers) for i in layers]
+        out = torch.empty((len(layers), 2, heads, tokens, dim), dtype=dtype)
+        pieces = [self._layer_pieces(plan, tokens) for plan in plans]
+        counts = [sum(p.count for p in layer) for layer in pieces]
+        workers = decode_workers()
+        pool = get_pool(workers - 1, wait=False) if (workers > 1 and len(plans) > 1
+                                                     and sum(counts) >= POOL_MIN_SYMBOLS) else None
+        if pool is not None and pool.lock.acquire(blocking=False):  # a busy pool is not waited for
+            try:
+                self._decode_pooled(pool, plans, pieces, counts, layer_shape, out)
+                return out
+            except TaskFailed as exc:
+                if exc.codec_error:
+                    raise CodecError(str(exc)) from None
+                raise
+            except PoolBroken:
+                pass  # decode in-process below (the next call starts a fresh pool)
+            finally:
+                pool.lock.release()
+        for j, plan in enumerate(plans):
+            self.decode_planned(plan, layer_shape, dtype, out[j])
+        return out
+
+    def _decode_pooled(self, pool: Any, plans: list[_LayerPlan], pieces: list[tuple[Piece, ...]], counts: list[int],
+                       shape: tuple[int, int, int, int], out: torch.Tensor) -> None:
+        """Helpers and this thread claim layers' streams; this thread reconstructs each as it finishes."""
+        basis = plans[0].basis
+        segments, units, words_off, out_off = [], [], 0, 0
+        for plan, layer_pieces_, count in zip(plans, pieces, counts, strict=True):
+            segments.append(memoryview(plan.words).cast("B"))
+            units.append(StreamUnit(words_off, len(plan.words), out_off, layer_pieces_))
+            words_off += 4 * len(plan.words)
+            out_off += count
+        widths = sorted({p.width for layer in pieces for p in layer})
+        spec = (basis.digest, {w: basis.probabilities[w - 1] for w in widths}, units)
+
+        def local(buf: memoryview, symbols: np.ndarray, unit: int) -> None:
+            u = units[unit]
+            decode_symbols(plans[unit].words, u.pieces, lambda width: width_model(basis, width),
+                           symbols.view(np.int32)[u.out_off:u.out_off + counts[unit]], f"transform unit {unit}")
+
+        def finished(symbols: np.ndarray, unit: int, result: object = None) -> None:
+            u = units[unit]
+            self._reconstruct(plans[unit], symbols.view(np.int32)[u.out_off:u.out_off + counts[unit]], shape,
+                              out[unit])
+
+        pool.run("transform_decode_layer", segments, 4 * out_off, spec, len(units), local, finished)
 
 
 __all__ = ["LEVEL_BITS", "TransformCodec", "TransformParams", "allocate_widths", "layer_plans"]

@@ -211,3 +211,33 @@ def test_garbage_streams_fail_fast_and_tokens_must_match(make_kv) -> None:
         except CodecError:
             continue
         assert out.shape == kv.shape and bool(torch.isfinite(out.float()).all())
+
+
+def test_pool_helpers_decode_layers_as_this_process_does(make_kv) -> None:
+    from ragkv.codecs import set_decode_workers, start_decode_pool
+    from ragkv.codecs.decode_pool import get_pool, shutdown_pool
+
+    basis, _ = fit_test_basis(4, 2, 64)
+    digest = register_basis(basis)
+    codec = get_codec("transform", {"level": 6, "basis": digest})
+    kv = make_kv(layers=4, heads=2, tokens=600, dim=64, seed=12)
+    payload = codec.encode(kv, position=3)
+    expected = codec.decode(payload, tuple(kv.shape), kv.dtype)  # one worker: in-process
+    try:
+        set_decode_workers(2)
+        assert start_decode_pool()
+        pool = get_pool(1)
+        assert torch.equal(codec.decode(payload, tuple(kv.shape), kv.dtype), expected)
+        assert torch.equal(codec.decode_layers(payload, tuple(kv.shape), kv.dtype, [3, 0, 3]), expected[[3, 0, 3]])
+        bad = bytearray(payload)
+        bad[len(bad) // 2:len(bad) // 2 + 64] = bytes(64)
+        with pytest.raises(CodecError):
+            codec.decode(bytes(bad), tuple(kv.shape), kv.dtype)
+        assert get_pool(1) is pool and not pool.broken  # a bad payload does not break the pool
+        forget_basis(digest)  # the helpers need no basis of their own: the caller sends the entropy models
+        register_basis(basis)
+        assert torch.equal(codec.decode(payload, tuple(kv.shape), kv.dtype), expected)
+    finally:
+        set_decode_workers(1)
+        shutdown_pool()
+        forget_basis(digest)
