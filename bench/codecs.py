@@ -257,7 +257,8 @@ def decode_scaling(kv: torch.Tensor, repeat: int) -> tuple[list[list[Any]], dict
     def threaded() -> None:
         def work(j: int) -> None:
             cg.decode_unit_task(view, symbols, units, j, sides[j])
-            cg._dequantize(symbols, units[j], scales[j], heads, dim, out[j // 2, j % 2])
+            cg._dequantize(symbols, units[j], scales[j], heads, dim, out[j // 2, j % 2],
+                           plans[j // 2].key_channels if j % 2 == 0 else None)
         thread_map(work, len(units), workers=2)
 
     cpu0 = time.process_time()

@@ -73,6 +73,11 @@ def error_bound():
 
 
 @pytest.fixture
+def cachegen_steps():
+    return cachegen_step
+
+
+@pytest.fixture
 def transform_bound():
     return _transform_bound
 
@@ -106,10 +111,7 @@ def _error_bound(name: str, params: dict, kv: torch.Tensor) -> torch.Tensor:
     elif name == "transform":
         return _transform_bound(params, kv)
     elif name == "cachegen":
-        level = params.get("level", 2)
-        peak = x.abs().amax(dim=(2, 4), keepdim=True)  # [L, 2, 1, T, 1] per (layer, kind, token)
-        m = torch.tensor([[half_range(b) for b in layer_bins(level, i, L)] for i in range(L)], dtype=torch.float32)
-        step = (peak / m.view(L, 2, 1, 1, 1)).expand_as(x)
+        step = cachegen_step(params, kv)
     else:
         raise ValueError(name)
     return step * (1 + 2.0 ** -8) + x.abs() * (output_eps(kv.dtype) + 2.0 ** -10) + 1e-30
@@ -152,3 +154,23 @@ def _transform_bound(params: dict, kv: torch.Tensor, position: int | None = None
             out[layer, kind] = bound.float()
     x = kv.float()
     return out * (1 + 2.0 ** -8) + x.abs() * (output_eps(kv.dtype) + 2.0 ** -10) + 1e-4 * (x.abs().max() + 1)
+
+
+
+def cachegen_step(params: dict, kv: torch.Tensor) -> torch.Tensor:
+    """cachegen's quantization step per element (the error is at most half of it)."""
+    x = kv.float()
+    L = x.shape[0]
+    level = params.get("level", 2)
+    # keys are normalised per channel first: k' = (k - mean_c) / reach_c (mean to fp16, reach rounded up)
+    keys = x[:, 0]  # [L, H, T, D]
+    mean = keys.mean(2, keepdim=True).half().float()
+    reach = (keys - mean).abs().amax(2, keepdim=True)
+    normalised = (keys - mean) / torch.where(reach > 0, reach, torch.ones_like(reach))
+    peak_k = normalised.abs().amax(dim=(1, 3), keepdim=True)  # [L, 1, T, 1] per (layer, token)
+    peak_v = x[:, 1].abs().amax(dim=(1, 3), keepdim=True)
+    m = torch.tensor([[half_range(b) for b in layer_bins(level, i, L)] for i in range(L)], dtype=torch.float32)
+    step_k = peak_k / m[:, 0].view(L, 1, 1, 1) * reach * (1 + 2.0 ** -9)  # reach: up to fp16 rounding
+    step_v = peak_v / m[:, 1].view(L, 1, 1, 1)
+    step = torch.stack([step_k.expand_as(keys), step_v.expand_as(keys)], dim=1)
+    return step

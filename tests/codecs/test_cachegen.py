@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ragkv.codecs import CodecError, get_codec, set_decode_workers, start_decode_pool
-from ragkv.codecs.cachegen import LEVEL_BINS, half_range, layer_bins, level_summary
+from ragkv.codecs.cachegen import LEVEL_BINS, layer_bins, level_summary
 from ragkv.codecs.cachegen_stream import frequency_tables
 from ragkv.codecs.decode_pool import get_pool, shutdown_pool
 
@@ -37,15 +37,28 @@ def test_bins_table_scales_to_depth() -> None:
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
-def test_error_is_at_most_half_a_step(level: int, make_kv, single_worker) -> None:
+def test_error_is_at_most_half_a_step(level: int, make_kv, single_worker, cachegen_steps) -> None:
     kv = make_kv(layers=6, tokens=300, dtype=torch.float32, seed=2)
     codec = get_codec("cachegen", {"level": level})
     out = codec.decode(codec.encode(kv), tuple(kv.shape), kv.dtype)
-    peak = kv.abs().amax(dim=(2, 4), keepdim=True)
-    m = torch.tensor([[half_range(b) for b in layer_bins(level, i, 6)] for i in range(6)], dtype=torch.float32)
-    half_step = peak / m.view(6, 2, 1, 1, 1) / 2
+    half_step = cachegen_steps({"level": level}, kv) / 2
     # stored fp16 scales are rounded up by at most 2**-10 relative
-    assert bool(((out - kv).abs() <= half_step * (1 + 2 ** -9) + 1e-6).all())
+    assert bool(((out - kv).abs() <= half_step * (1 + 2 ** -9) + 1e-5).all())
+
+
+def test_keys_are_normalised_per_channel_so_an_outlier_channel_costs_the_others_nothing(make_kv,
+                                                                                         single_worker) -> None:
+    kv = make_kv(layers=2, tokens=200, dtype=torch.float32, seed=5)
+    spiky = kv.clone()
+    spiky[:, 0, :, :, 3] = spiky[:, 0, :, :, 3] * 50 + 400  # one huge, offset key channel
+    codec = get_codec("cachegen", {"level": 2})
+
+    def other_channels_error(x: torch.Tensor) -> float:
+        out = codec.decode(codec.encode(x), tuple(x.shape), x.dtype)
+        keep = [d for d in range(x.shape[-1]) if d != 3]
+        return float((out[:, 0, ..., keep] - x[:, 0, ..., keep]).abs().mean())
+
+    assert other_channels_error(spiky) < 1.5 * other_channels_error(kv)
 
 
 def test_levels_trade_size_for_error(make_kv, single_worker) -> None:
@@ -94,7 +107,8 @@ def test_blocks_decode_independently(make_kv, single_worker) -> None:
     kv = make_kv(layers=1, tokens=256, seed=9)
     payload = bytearray(codec.encode(kv))
     view = memoryview(bytes(payload))
-    plan, _, _ = parse_section(view, 16 + 6, len(view), 256, 16, 31, 64, 0, "keys")
+    # past the layer table (16 B), the layer header (6 B) and the key channel means and ranges (2 x 16 fp16)
+    plan, _, _ = parse_section(view, 16 + 6 + 64, len(view), 256, 16, 31, 64, 0, "keys")
     good = np.empty((256, 16), np.uint8)
     decode_section(view, plan, good)
     lengths = np.frombuffer(view, "<u4", plan.nblocks, plan.lengths_off)

@@ -165,7 +165,8 @@ def _cachegen_payload(level: int = 2):
 
 def _sections(layer: bytes):
     """Split one cachegen layer into (header, [(side_len, side, lengths, words), ...])."""
-    header, pos, sections = layer[:6], 6, []
+    channel_block = 2 * SHAPE[2] * SHAPE[4] * 2  # the keys' channel means and ranges (fp16), in the header part
+    header, pos, sections = layer[:6 + channel_block], 6 + channel_block, []
     tokens, blocks = SHAPE[3], -(-SHAPE[3] // 16)
     for _ in range(2):
         (side_len,) = struct.unpack_from("<I", layer, pos)
@@ -203,7 +204,8 @@ HOSTILE = [
     "stream_length_beyond_payload", "stream_length_huge", "streams_swapped", "side_len_huge", "side_not_zstd",
     "side_size_mismatch", "alphabet_above_bins", "alphabet_zero", "lo_overflow", "padding_nibble", "nan_scale",
     "negative_scale", "words_last_zero", "words_garbled", "bins_mismatch", "block_mismatch", "version",
-    "scale_format", "side_without_content_size", "empty_words_for_coded",
+    "scale_format", "side_without_content_size", "empty_words_for_coded", "nan_key_mean", "negative_key_range",
+    "huge_key_range", "channel_block_cut",
 ]
 
 
@@ -273,6 +275,16 @@ def test_hostile_cachegen_sections(attack: str, single_worker) -> None:
     elif attack == "empty_words_for_coded":
         sections[0][2] = [0] * len(lengths)
         sections[0][3] = b""
+    elif attack == "nan_key_mean":
+        header[6:8] = b"\x00\x7e"  # fp16 NaN as the first channel's mean
+    elif attack == "negative_key_range":
+        ranges = 6 + 2 * SHAPE[2] * SHAPE[4]
+        header[ranges + 1] |= 0x80
+    elif attack == "huge_key_range":  # an infinite range
+        ranges = 6 + 2 * SHAPE[2] * SHAPE[4]
+        header[ranges:ranges + 2] = b"\x00\x7c"
+    elif attack == "channel_block_cut":
+        header = header[:6 + 10]
     layers[1] = _join_sections(bytes(header), sections)
     assert not attempt(codec, join_layers(layers))
     # the same layer decoded alone fails the same way
