@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from codec_experiments import delta_experiment, scaling_axis_experiment
 from codec_sources import fit_bases, random_init_kv, real_calibration, real_kv
 from harness import Report, parse_args, time_call
 
 from ragkv.codecs import get_codec, set_decode_workers, start_decode_pool, stop_decode_pool
-from ragkv.codecs.cachegen import half_range, layer_bins, level_summary
-from ragkv.codecs.cachegen_stream import encode_section
+from ragkv.codecs.cachegen import level_summary
 from ragkv.codecs.parallel import thread_map
 from ragkv.codecs.transform import DEFAULT_LEVEL as TRANSFORM_DEFAULT_LEVEL
 from ragkv.codecs.transform import LEVEL_BITS
@@ -282,64 +282,6 @@ def decode_scaling(kv: torch.Tensor, repeat: int) -> tuple[list[list[Any]], dict
     return rows, cpu
 
 
-# -- delta coding experiment -----------------------------------------------------------------------------
-
-
-def _quantize_tokens(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x [T, C] float32 -> (symbols uint8, stored fp16 scales as float32, reconstruction)."""
-    peak = np.abs(x).max(axis=1)
-    s16 = peak.astype(np.float16)
-    s16 = np.where(s16.astype(np.float32) < peak, np.nextafter(s16, np.float16(np.inf)), s16)
-    s = s16.astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(s > 0, m / np.where(s > 0, s, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(x * inv[:, None]) + m, 0, 2 * m).astype(np.uint8)
-    recon = (q.astype(np.float32) - m) * (s / m)[:, None]
-    return q, s, recon
-
-
-def _section_bytes(symbols: np.ndarray, nsym: int, scales: np.ndarray) -> int:
-    return len(encode_section(symbols, nsym, 256, scales.astype("<f2").tobytes(), 2))
-
-
-def delta_experiment(kv: torch.Tensor, anchor_every: int = 10) -> dict[str, float]:
-    """Bits per element of cachegen mid level coded directly vs against anchor tokens, with the same
-    bins, scales, per-channel models and streams.
-
-    - symbol delta: the same quantized symbols, non-anchor tokens coded as the difference to their
-      anchor's symbol (lossless transform: same reconstruction);
-    - value delta (the paper's scheme): anchors quantized as usual, every other token's residual against
-      its reconstructed anchor quantized with its own per-token scale (different error).
-    """
-    L = kv.shape[0]
-    x_all = kv.float().permute(0, 1, 3, 2, 4).reshape(L, 2, kv.shape[3], -1).numpy()  # [L, 2, T, C]
-    T = x_all.shape[2]
-    anchors = np.arange(T) % anchor_every == 0
-    anchor_of = (np.arange(T) // anchor_every) * anchor_every
-    direct = sym_delta = val_delta = 0
-    err_direct = err_val = 0.0
-    for i in range(L):
-        for kind in (0, 1):
-            m = half_range(layer_bins(2, i, L)[kind])
-            x = x_all[i, kind]
-            q, s, recon = _quantize_tokens(x, m)
-            direct += _section_bytes(q, 2 * m + 1, s)
-            err_direct += float(np.abs(recon - x).sum())
-            # symbol-domain delta against the anchor: values in 0 .. 4m
-            d = (q[~anchors].astype(np.int16) - q[anchor_of[~anchors]].astype(np.int16) + 2 * m).astype(np.uint8)
-            sym_delta += _section_bytes(q[anchors], 2 * m + 1, s[anchors]) + _section_bytes(d, 4 * m + 1, s[~anchors])
-            # value-domain delta against the reconstructed anchor
-            qa, sa, ra = _quantize_tokens(x[anchors], m)
-            residual = x[~anchors] - ra[np.arange(T)[~anchors] // anchor_every]
-            qr, sr, rr = _quantize_tokens(residual, m)
-            val_delta += _section_bytes(qa, 2 * m + 1, sa) + _section_bytes(qr, 2 * m + 1, sr)
-            err_val += float(np.abs(ra - x[anchors]).sum() + np.abs(rr - residual).sum())
-    n = kv.numel()
-    return {"direct_bits": 8 * direct / n, "symbol_delta_bits": 8 * sym_delta / n,
-            "value_delta_bits": 8 * val_delta / n, "direct_mean_err": err_direct / n,
-            "value_delta_mean_err": err_val / n}
-
-
 # -- the run ---------------------------------------------------------------------------------------------
 
 
@@ -427,6 +369,13 @@ def main() -> None:
                 "(caller + helper): the 2-process throughput when both cores are free; wall-clock figures "
                 "depend on the other work sharing this machine's 2 cores (load average in setup)")
 
+    axis = scaling_axis_experiment(kv)
+    report.table("[real] why cachegen erred: keys coded with per-token scales alone (format 1) vs normalised per "
+                 "channel first (format 2), real ANS streams, the channel block counted",
+                 ["keys", "bins", "bits/elem", "relative error"], axis)
+    for row in axis:
+        if row[1] == 32:
+            report.figure(f"cachegen_keys_32bins_relative_error_{row[0].split()[0]}", row[3])
     delta = delta_experiment(kv)
     report.table("[real] delta coding against anchor tokens (every 10), cachegen mid bins",
                  ["scheme", "bits/elem", "mean abs err"],
