@@ -5,9 +5,10 @@ vocab 151936, tied embeddings, rope_theta 1e6), bf16. Prompt: start token + 8 ch
 32-token query (random token ids; timing does not depend on what the tokens mean). Chunks are warmed into
 the store first (not timed). TTFT = prepare + sampling the first token (``generate(max_new_tokens=1)``).
 
-Tiers: host (decoded tensors in memory); disk (raw codec, and cachegen level 2, one file per chunk, each
-file's pages dropped from the page cache with posix_fadvise before every run); Redis (a throwaway
-redis-server on loopback, raw codec) when redis-server is installed.
+Tiers: host (decoded tensors in memory); disk (raw codec, cachegen level 2, and transform level 3 with a basis
+fitted on held-out random chunks of the same model; one file per chunk, each file's pages dropped from the page
+cache with posix_fadvise before every run); Redis (a throwaway redis-server on loopback, raw codec) when
+redis-server is installed.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from ragkv.middleware import (
     ModelAdapter,
     PrepareRequest,
 )
+from ragkv.middleware.codec_calibration import calibrate_transform
 
 QWEN_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
             "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
@@ -42,6 +44,14 @@ QUICK = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_h
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
          "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
          "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+
+
+# blend 0.15 with every chunk read from disk, page cache dropped before each run: (row, codec, params, tier)
+DISK_ROWS = (
+    ("blend_0.15_disk", "raw", {}, "disk (page cache dropped)"),
+    ("blend_0.15_disk_cachegen", "cachegen", {"level": 2}, "disk, cachegen level 2 (page cache dropped)"),
+    ("blend_0.15_disk_transform", "transform", {"level": 3}, "disk, transform level 3 (page cache dropped)"),
+)
 
 
 def build_model(quick: bool) -> Any:
@@ -135,26 +145,23 @@ def main() -> None:
 
     disk_ok = DiskTier.get is not Tier.get and hasattr(os, "posix_fadvise")
     if disk_ok:
+        # the transform codec's basis, fitted on other (held-out) random chunks of this model
+        held_out = [torch.randint(16, vocab, (chunk_tokens,), generator=gen).tolist() for _ in range(n_chunks)]
+        basis_record, _ = calibrate_transform(ContextEngine(adapter, HostTier(HostConfig())), held_out)
+        report.setup["transform_basis"] = f"{basis_record.chunks} held-out chunks, {basis_record.tokens} tokens"
         with tempfile.TemporaryDirectory(prefix="ragkv-ttft-") as tmp:
-            path = str(Path(tmp) / "kv")
-            disk = ContextEngine(adapter, DiskTier(DiskConfig(path=path, fsync=True)),
-                                 EngineConfig(promote_after_load=False))
-            disk.warm(chunks)
-            disk.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request), request.lookup[0])[0],
-                                    namespace=request.lookup[0])
-            measure("blend_0.15_disk", disk, disk.strategy("blend", BlendConfig(ratio=0.15)),
-                    before=lambda: drop_dir_from_page_cache(path), tier="disk (page cache dropped)")
-            disk.store.close()
-            cachegen_path = str(Path(tmp) / "kv-cachegen")
-            disk_cg = ContextEngine(adapter, DiskTier(DiskConfig(path=cachegen_path, fsync=True, codec="cachegen")),
-                                    EngineConfig(promote_after_load=False))
-            disk_cg.warm(chunks)
-            disk_cg.prefix_cache.put([adapter.start_token_id], host.prefix_kv(host.assemble(request), request.lookup[0])[0],
-                                    namespace=request.lookup[0])
-            measure("blend_0.15_disk_cachegen", disk_cg, disk_cg.strategy("blend", BlendConfig(ratio=0.15)),
-                    before=lambda: drop_dir_from_page_cache(cachegen_path),
-                    tier="disk, cachegen level 2 (page cache dropped)")
-            disk_cg.store.close()
+            for name, codec, params, tier in DISK_ROWS:
+                path = str(Path(tmp) / name)
+                disk = ContextEngine(adapter, DiskTier(DiskConfig(path=path, fsync=True, codec=codec,
+                                                                  codec_params=params)),
+                                     EngineConfig(promote_after_load=False))
+                disk.warm(chunks)
+                disk.prefix_cache.put([adapter.start_token_id],
+                                      host.prefix_kv(host.assemble(request), request.lookup[0])[0],
+                                      namespace=request.lookup[0])
+                measure(name, disk, disk.strategy("blend", BlendConfig(ratio=0.15)),
+                        before=lambda path=path: drop_dir_from_page_cache(path), tier=tier)
+                disk.store.close()
     else:
         report.note("disk tier not available in this checkout: blend_0.15_disk_vs_full not measured")
     redis_ok = shutil.which("redis-server") is not None
@@ -204,6 +211,9 @@ def main() -> None:
     if disk_ok:
         report.figure("blend_0.15_disk_vs_full", ratio_of("blend_0.15_disk"))
         report.figure("blend_0.15_disk_cachegen_vs_full", ratio_of("blend_0.15_disk_cachegen"))
+        report.figure("blend_0.15_disk_transform_vs_full", ratio_of("blend_0.15_disk_transform"))
+        report.figure("disk_transform_blend_vs_host_blend", round(times["blend_0.15_disk_transform"]
+                                                                  / times["blend_0.15"], 4))
     if redis_ok:
         report.figure("blend_0.15_redis_vs_full", ratio_of("blend_0.15_redis"))
     for name in ("reuse", "blend_0.05", "blend_0.15", "blend_0.30", "compress_tokens_0.5", "auto"):

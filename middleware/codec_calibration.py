@@ -95,10 +95,10 @@ def load_codec_calibration(directory: str | Path, fingerprint: str) -> CodecCali
     return calibration
 
 
-def calibrate_transform(engine: ContextEngine, texts: Sequence[str], *, layer_group: int = DEFAULT_LAYER_GROUP
-                        ) -> tuple[CodecCalibration, TransformBasis]:
-    """Fit the transform basis on ``texts`` (prefilled as chunks), keep it in the engine's store, make it the
-    default for this model's KV. Returns the calibration record (to save) and the basis."""
+def calibrate_transform(engine: ContextEngine, texts: Sequence[str | Sequence[int]], *,
+                        layer_group: int = DEFAULT_LAYER_GROUP) -> tuple[CodecCalibration, TransformBasis]:
+    """Fit the transform basis on ``texts`` (texts or token ids, prefilled as chunks), keep it in the engine's
+    store, make it the default for this model's KV. Returns the calibration record (to save) and the basis."""
     texts = [t for t in texts if t]
     if not texts:
         raise ConfigError("codec calibration needs at least one text")
@@ -110,6 +110,9 @@ def calibrate_transform(engine: ContextEngine, texts: Sequence[str], *, layer_gr
         basis, data = fit_basis(samples, rope, layer_group=layer_group)
     except CodecError as exc:
         raise ConfigError(f"cannot fit a transform basis: {exc}") from exc
+    if sum(c.num_tokens for c in chunks) < 4 * basis.features:
+        log.warning("the transform basis was fitted on %d tokens for %d features: calibrate on more text (a "
+                    "corpus) for a basis that generalises", sum(c.num_tokens for c in chunks), basis.features)
     engine.store.put_artefact(data)
     register_basis(basis, default=True)
     record = CodecCalibration(str(adapter.fingerprint), basis.digest, layer_group, len(chunks),
