@@ -43,12 +43,12 @@ from ragkv.codecs.base import (
     join_layers,
     register_codec,
 )
-from ragkv.codecs.buffers import scratch_float32, scratch_int32, write_float32
+from ragkv.codecs.buffers import as_float32, scratch_float32, scratch_int32, write_float32
 from ragkv.codecs.decode_pool import PoolBroken, TaskFailed, get_pool
 from ragkv.codecs.layered import ValidatingCodec
 from ragkv.codecs.optional_deps import require_constriction
 from ragkv.codecs.parallel import decode_workers
-from ragkv.codecs.payload import ByteReader
+from ragkv.codecs.payload import ByteReader, check_finite
 from ragkv.codecs.rotary import cos_sin
 from ragkv.codecs.transform_basis import (
     MAX_WIDTH,
@@ -58,7 +58,6 @@ from ragkv.codecs.transform_basis import (
     find_basis,
     symbol_radius,
 )
-from ragkv.codecs.transform_fit import features
 from ragkv.codecs.transform_stream import Piece, StreamUnit, decode_symbols, layer_pieces
 
 FORMAT_VERSION = 1
@@ -97,15 +96,14 @@ class KindPlan(NamedTuple):
     """How one layer group's keys or values are coded at one budget (k kept components, widths ascending)."""
 
     columns: np.ndarray  # [k] the kept components' indices in the basis
-    projection: torch.Tensor  # [C, k] float32: the kept components
-    mean: torch.Tensor  # [C] float32
-    steps: torch.Tensor  # [k] float32
+    projection: np.ndarray  # [C, k] float32: the kept components
+    mean: np.ndarray  # [C] float32
+    steps: np.ndarray  # [k] float32
     widths: list[tuple[int, int, int]]  # (width, first kept column, end kept column)
     # decoding in one product: x = offset + symbols [t, k] @ reconstruction, where the rows of
     # the reconstruction are scaled by the steps and the symbols' radius is folded into the offset
-    reconstruction_array: np.ndarray  # [k, C] float32, the rows scaled by the steps
-    offset_array: np.ndarray  # [C] float32, the mean with the symbols' radius folded in
-    mean_array: np.ndarray  # [C] float32
+    reconstruction: np.ndarray  # [k, C] float32, the rows scaled by the steps
+    offset: np.ndarray  # [C] float32, the mean with the symbols' radius folded in
 
 
 def allocate_widths(key_variances: np.ndarray, value_variances: np.ndarray, budget: int) -> tuple[np.ndarray, ...]:
@@ -145,8 +143,8 @@ def _kind_plan(kind_basis: Any, widths: np.ndarray) -> KindPlan:
     radius = np.array([symbol_radius(w) for w, _ in order], dtype=np.float64)
     scaled = projection.T.astype(np.float64) * steps.astype(np.float64)[:, None]  # [k, C]
     offset = kind_basis.mean.astype(np.float64) - radius @ scaled
-    return KindPlan(columns, torch.from_numpy(projection), torch.from_numpy(kind_basis.mean), torch.from_numpy(steps), spans,
-                    scaled.astype(np.float32), offset.astype(np.float32), kind_basis.mean.astype(np.float32))
+    return KindPlan(columns, projection.astype(np.float32), kind_basis.mean.astype(np.float32), steps, spans,
+                    scaled.astype(np.float32), offset.astype(np.float32))
 
 
 def layer_plans(basis: TransformBasis, layer: int, bits: float) -> tuple[KindPlan, KindPlan]:
@@ -236,30 +234,34 @@ class TransformCodec(ValidatingCodec):
         if position is not None and (isinstance(position, bool) or not 0 <= int(position) <= MAX_POSITION):
             raise CodecError(f"position must be an integer in 0..{MAX_POSITION}, got {position!r}")
         rope = position is not None and len(basis.inv_freq) > 0
-        table = _rope_table(basis, int(position), tokens) if rope else None
+        table = _rope_table_numpy(basis, int(position), tokens) if rope else None
         sinks = min(self.params.sink_tokens, tokens)
         header = _HEADER.pack(FORMAT_VERSION, self.params.level, sinks, FLAG_ROPE_UNDONE if rope else 0, tokens,
                               int(position) if rope else 0, bytes.fromhex(basis.digest[:16]))
         return join_layers([self._encode_layer(kv[i], i, basis, table, sinks, header) for i in range(num_layers)])
 
     def _encode_layer(self, layer: torch.Tensor, index: int, basis: TransformBasis,
-                      table: tuple[torch.Tensor, torch.Tensor] | None, sinks: int, header: bytes) -> bytes:
+                      table: tuple[np.ndarray, np.ndarray] | None, sinks: int, header: bytes) -> bytes:
+        # layer: [2, H, T, D] -> x: [2, T, H, D] float32 (numpy on this thread, as the decoder)
+        _, heads, tokens, dim = layer.shape
+        x = as_float32(layer.permute(0, 2, 1, 3), "transform_x")
+        check_finite(x, self.name)
+        if table is not None:  # keys with RoPE undone: rotated back by their positions' angles
+            x[0] = rotate_numpy(x[0], table[0][:, None, :], -table[1][:, None, :])
         sink_plans = layer_plans(basis, index, SINK_BITS)
         plans = layer_plans(basis, index, self.bits)
         pieces: list[tuple[np.ndarray, Any]] = []  # (symbols, model) in decode order
         for kind in (0, 1):
-            x = features(layer[kind], table if kind == 0 else None)  # [T, C]
-            if not torch.isfinite(x).all():
-                raise CodecError("transform codec: KV holds non-finite values")
-            for plan, rows in ((sink_plans[kind], x[:sinks]), (plans[kind], x[sinks:])):
+            kind_features = x[kind].reshape(tokens, heads * dim)  # [T, C]
+            for plan, rows in ((sink_plans[kind], kind_features[:sinks]), (plans[kind], kind_features[sinks:])):
                 if rows.shape[0] == 0 or not plan.widths:
                     continue
                 coefficients = (rows - plan.mean) @ plan.projection  # [t, k]
                 for width, start, end in plan.widths:
                     radius = symbol_radius(width)
-                    q = torch.round(coefficients[:, start:end] / plan.steps[start:end]).clamp_(-radius, radius)
-                    symbols = (q.T.contiguous().numpy().astype(np.int32) + radius).ravel()
-                    pieces.append((symbols, width_model(basis, width)))
+                    q = np.clip(np.rint(coefficients[:, start:end] / plan.steps[start:end]), -radius, radius)
+                    pieces.append((np.ascontiguousarray(q.T, dtype=np.int32).ravel() + radius,
+                                   width_model(basis, width)))
         coder = require_constriction().stream.stack.AnsCoder()
         for symbols, model in reversed(pieces):
             coder.encode_reverse(symbols, model)
@@ -320,13 +322,13 @@ class TransformCodec(ValidatingCodec):
                     continue
                 rows = x[lo:hi]
                 if not kind_plan.widths:
-                    rows[:] = kind_plan.mean_array
+                    rows[:] = kind_plan.mean
                     continue
                 kept = kind_plan.projection.shape[1]
                 block = symbols[pos:pos + kept * (hi - lo)].reshape(kept, hi - lo)  # [k, t]
                 pos += kept * (hi - lo)
-                np.matmul(block.T.astype(np.float32), kind_plan.reconstruction_array, out=rows)
-                rows += kind_plan.offset_array
+                np.matmul(block.T.astype(np.float32), kind_plan.reconstruction, out=rows)
+                rows += kind_plan.offset
             x3 = x.reshape(tokens, heads, dim)
             if kind == 0 and plan.position is not None:
                 cos, sin = _rope_table_numpy(basis, plan.position, tokens)
