@@ -210,7 +210,8 @@ def main() -> None:
     max_new_tokens = args.max_new_tokens or (8 if args.quick else 24)
     chunks, tokens = (2, 64) if args.quick else (8, 256)
     repeat = args.repeat or (1 if args.quick else 5)
-    report = Report("fidelity", quick=args.quick, out=args.out)
+    # the codec rows alone are a scenario of their own (they do not overwrite the strategies' figures)
+    report = Report("fidelity_codecs" if args.codecs_only else "fidelity", quick=args.quick, out=args.out)
     loaded = load_model()
     engine = ContextEngine(make_adapter(loaded), TieredStore("host:4GB"))
     questions = fidelity_set.load()[:n]
@@ -233,7 +234,7 @@ def main() -> None:
         start = time.perf_counter()
         scores[config.name] = run(engine, questions, config, max_new_tokens)
         print(f"  {config.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    ttft = measure_ttft(engine, configs, chunks, tokens, repeat)
+    ttft = {} if args.codecs_only else measure_ttft(engine, configs, chunks, tokens, repeat)
     full_ttft = ttft.get("full", float("nan"))
     full = scores["full"]
     rows, points = [], []
