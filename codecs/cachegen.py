@@ -62,7 +62,7 @@ from ragkv.codecs.cachegen_stream import (
     parse_section,
     section_end,
 )
-from ragkv.codecs.decode_pool import PoolBroken, TaskFailed, get_pool
+from ragkv.codecs.decode_pool import get_pool, run_if_free
 from ragkv.codecs.optional_deps import require_constriction
 from ragkv.codecs.parallel import decode_workers
 from ragkv.codecs.payload import (
@@ -248,19 +248,9 @@ class CacheGenCodec(Codec):
         def finished(_: np.ndarray, layer: int, data: bytes) -> None:
             parts[layer] = data
 
-        if not pool.lock.acquire(blocking=False):  # busy with another call: encode here rather than queue
-            return super().encode(kv)
-        try:
-            pool.run("cachegen_encode_layer", raw, 0, spec, num_layers,
-                     lambda buf, out, layer: self.encode_layer(kv[layer], layer, num_layers), finished)
-        except TaskFailed as exc:
-            if exc.codec_error:
-                raise CodecError(str(exc)) from None
-            raise
-        except PoolBroken:
-            return super().encode(kv)
-        finally:
-            pool.lock.release()
+        if not run_if_free(pool, "cachegen_encode_layer", raw, 0, spec, num_layers,
+                           lambda buf, out, layer: self.encode_layer(kv[layer], layer, num_layers), finished):
+            return super().encode(kv)  # the pool is busy with another call, or broke: encode here
         offsets = [0]
         for part in parts:
             offsets.append(offsets[-1] + len(part))
@@ -342,24 +332,14 @@ class CacheGenCodec(Codec):
         pool = None
         if workers > 1 and total >= POOL_MIN_SYMBOLS and len(units) > 1:
             pool = get_pool(workers - 1, wait=False)
-        # a pool busy with another call is not waited for: this call decodes in-process instead
-        if pool is not None and pool.lock.acquire(blocking=False):
-            try:
-                # the helpers get only the requested layers' bytes, laid end to end (not the whole payload
-                # per call: a layer-by-layer load would otherwise copy it once per layer)
-                segments, pooled = _requested_layers(view, base, table, layers, units)
-                pool.run("cachegen_decode_unit", segments, total, pooled, len(pooled),
-                         lambda buf, symbols, unit: decode_unit_task(buf, symbols, pooled, unit, sides[unit]),
-                         finished)
+        if pool is not None:
+            # the helpers get only the requested layers' bytes, laid end to end (not the whole payload per
+            # call: a layer-by-layer load would otherwise copy it once per layer); a busy pool is not waited for
+            segments, pooled = _requested_layers(view, base, table, layers, units)
+            if run_if_free(pool, "cachegen_decode_unit", segments, total, pooled, len(pooled),
+                           lambda buf, symbols, unit: decode_unit_task(buf, symbols, pooled, unit, sides[unit]),
+                           finished):
                 return out
-            except TaskFailed as exc:
-                if exc.codec_error:
-                    raise CodecError(str(exc)) from None
-                raise
-            except PoolBroken:
-                pass  # decode in-process below (the next call starts a fresh pool)
-            finally:
-                pool.lock.release()
         symbols = scratch_numpy("cachegen_symbols", total)
         for unit in range(len(units)):
             decode_unit_task(view, symbols, units, unit, sides[unit])

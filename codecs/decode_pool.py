@@ -366,6 +366,29 @@ def get_pool(helpers: int, wait: bool = True) -> DecodePool | None:
     return pool
 
 
+def run_if_free(pool: DecodePool | None, task: str, payload: memoryview | Sequence[memoryview], out_size: int,
+                spec: Any, nunits: int, local: Callable[[memoryview, np.ndarray, int], Any],
+                finished: Callable[[np.ndarray, int, Any], None]) -> bool:
+    """``pool.run`` if there is a pool and no other call holds it (a busy pool is not waited for); True when it
+    ran. A task's ``CodecError`` (a bad payload) is raised as one; a broken pool returns False (the caller
+    works in-process and the next call starts a fresh pool)."""
+    from ragkv.codecs.base import CodecError
+
+    if pool is None or not pool.lock.acquire(blocking=False):
+        return False
+    try:
+        pool.run(task, payload, out_size, spec, nunits, local, finished)
+        return True
+    except TaskFailed as exc:
+        if exc.codec_error:
+            raise CodecError(str(exc)) from None
+        raise
+    except PoolBroken:
+        return False
+    finally:
+        pool.lock.release()
+
+
 def shutdown_pool() -> None:
     """Stop the helper processes (also run at interpreter exit)."""
     global _pool

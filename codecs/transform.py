@@ -44,7 +44,7 @@ from ragkv.codecs.base import (
     register_codec,
 )
 from ragkv.codecs.buffers import as_float32, scratch_float32, scratch_int32, write_float32
-from ragkv.codecs.decode_pool import PoolBroken, TaskFailed, get_pool
+from ragkv.codecs.decode_pool import get_pool, run_if_free
 from ragkv.codecs.layered import ValidatingCodec
 from ragkv.codecs.optional_deps import require_constriction
 from ragkv.codecs.parallel import decode_workers
@@ -350,25 +350,18 @@ class TransformCodec(ValidatingCodec):
         workers = decode_workers()
         pool = get_pool(workers - 1, wait=False) if (workers > 1 and len(plans) > 1
                                                      and sum(counts) >= POOL_MIN_SYMBOLS) else None
-        if pool is not None and pool.lock.acquire(blocking=False):  # a busy pool is not waited for
-            try:
-                self._decode_pooled(pool, plans, pieces, counts, layer_shape, out)
-                return out
-            except TaskFailed as exc:
-                if exc.codec_error:
-                    raise CodecError(str(exc)) from None
-                raise
-            except PoolBroken:
-                pass  # decode in-process below (the next call starts a fresh pool)
-            finally:
-                pool.lock.release()
+        if self._decode_pooled(pool, plans, pieces, counts, layer_shape, out):
+            return out
         for j, plan in enumerate(plans):
             self.decode_planned(plan, layer_shape, dtype, out[j])
         return out
 
     def _decode_pooled(self, pool: Any, plans: list[_LayerPlan], pieces: list[tuple[Piece, ...]], counts: list[int],
-                       shape: tuple[int, int, int, int], out: torch.Tensor) -> None:
-        """Helpers and this thread claim layers' streams; this thread reconstructs each as it finishes."""
+                       shape: tuple[int, int, int, int], out: torch.Tensor) -> bool:
+        """Helpers and this thread claim layers' streams; this thread reconstructs each as it finishes. False
+        when there is no pool free to use."""
+        if pool is None:
+            return False
         basis = plans[0].basis
         segments, units, words_off, out_off = [], [], 0, 0
         for plan, layer_pieces_, count in zip(plans, pieces, counts, strict=True):
@@ -389,7 +382,7 @@ class TransformCodec(ValidatingCodec):
             self._reconstruct(plans[unit], symbols.view(np.int32)[u.out_off:u.out_off + counts[unit]], shape,
                               out[unit])
 
-        pool.run("transform_decode_layer", segments, 4 * out_off, spec, len(units), local, finished)
+        return run_if_free(pool, "transform_decode_layer", segments, 4 * out_off, spec, len(units), local, finished)
 
 
 __all__ = ["LEVEL_BITS", "TransformCodec", "TransformParams", "allocate_widths", "layer_plans"]

@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ragkv.kvstore.errors import ConfigError
 from ragkv.kvstore.header_schema import refuse_constant, text_field
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ragkv.middleware.engine import ContextEngine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TARGET = 0.95
 DEFAULT_TOKENS = 16
@@ -182,23 +183,28 @@ def calibration_path(directory: str | Path, fingerprint: str) -> Path:
 
 def load_calibration(directory: str | Path, fingerprint: str) -> Calibration | None:
     """The calibration saved for ``fingerprint`` in ``directory``, or None (absent, unreadable, or not for it)."""
-    path = calibration_path(directory, fingerprint)
+    return read_model_record(calibration_path(directory, fingerprint), Calibration.from_dict, fingerprint)
+
+
+def read_model_record(path: Path, parse: Callable[[Any], T], fingerprint: str) -> T | None:
+    """A per-model JSON record (``parse`` is strict, raising ``ConfigError``), or None when it is absent,
+    unreadable, invalid or another model's (each logged)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.warning("calibration %s unreadable (%s); ignored", path, exc)
+        log.warning("%s unreadable (%s); ignored", path, exc)
         return None
     try:
-        calibration = Calibration.from_dict(json.loads(text, parse_constant=refuse_constant))
+        record = parse(json.loads(text, parse_constant=refuse_constant))
     except (ValueError, ConfigError) as exc:
-        log.warning("calibration %s is invalid (%s); ignored", path, exc)
+        log.warning("%s is invalid (%s); ignored", path, exc)
         return None
-    if calibration.fingerprint != fingerprint:
-        log.warning("calibration %s is for another model; ignored", path)
+    if record.fingerprint != fingerprint:  # type: ignore[attr-defined]
+        log.warning("%s is for another model; ignored", path)
         return None
-    return calibration
+    return record
 
 
 def _token_layers(prepared: Any) -> int:
@@ -248,4 +254,5 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_calibration",
+    "read_model_record",
 ]

@@ -22,7 +22,8 @@ from ragkv.codecs.transform_basis import TransformBasis, find_basis, register_ba
 from ragkv.codecs.transform_fit import fit_basis
 from ragkv.kvstore.artefacts import check_digest
 from ragkv.kvstore.errors import ConfigError
-from ragkv.kvstore.header_schema import refuse_constant, text_field
+from ragkv.kvstore.header_schema import text_field
+from ragkv.middleware.calibration import read_model_record
 
 if TYPE_CHECKING:
     from ragkv.middleware.engine import ContextEngine
@@ -76,23 +77,7 @@ def codec_calibration_path(directory: str | Path, fingerprint: str) -> Path:
 
 def load_codec_calibration(directory: str | Path, fingerprint: str) -> CodecCalibration | None:
     """The codec calibration saved for ``fingerprint`` in ``directory``, or None (absent, unreadable, another's)."""
-    path = codec_calibration_path(directory, fingerprint)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.warning("cannot read %s: %s", path, exc)
-        return None
-    try:
-        calibration = CodecCalibration.from_dict(json.loads(text, parse_constant=refuse_constant))
-    except (ValueError, ConfigError) as exc:
-        log.warning("ignoring %s: %s", path, exc)
-        return None
-    if calibration.fingerprint != fingerprint:
-        log.warning("ignoring %s: it was measured on another model", path)
-        return None
-    return calibration
+    return read_model_record(codec_calibration_path(directory, fingerprint), CodecCalibration.from_dict, fingerprint)
 
 
 def calibrate_transform(engine: ContextEngine, texts: Sequence[str | Sequence[int]], *,
