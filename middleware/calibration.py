@@ -127,12 +127,7 @@ class Calibration:
             raise ConfigError(f"invalid calibration: {exc}") from exc
 
     def save(self, directory: str | Path) -> Path:
-        path = calibration_path(directory, self.fingerprint)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        tmp.replace(path)
-        return path
+        return write_model_record(calibration_path(directory, self.fingerprint), self.to_dict())
 
 
 def _fraction(value: Any) -> float:
@@ -176,9 +171,23 @@ def config_from_dict(d: Any) -> BlendConfig:
 
 
 def calibration_path(directory: str | Path, fingerprint: str) -> Path:
+    return model_record_path(directory, "calibration", fingerprint)
+
+
+def model_record_path(directory: str | Path, kind: str, fingerprint: str) -> Path:
+    """``<directory>/<kind>-<fingerprint>.json``: where a per-model record lives."""
     if not fingerprint.isalnum():
         raise ConfigError(f"not a model fingerprint: {fingerprint!r}")
-    return Path(directory) / f"calibration-{fingerprint}.json"
+    return Path(directory) / f"{kind}-{fingerprint}.json"
+
+
+def write_model_record(path: Path, record: dict[str, Any]) -> Path:
+    """Write a per-model record atomically (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=False))
+    tmp.replace(path)
+    return path
 
 
 def load_calibration(directory: str | Path, fingerprint: str) -> Calibration | None:
@@ -254,5 +263,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_calibration",
+    "model_record_path",
     "read_model_record",
+    "write_model_record",
 ]

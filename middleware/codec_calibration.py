@@ -10,7 +10,6 @@ replaced makes them misses, never garbage.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from ragkv.codecs.transform_fit import fit_basis
 from ragkv.kvstore.artefacts import check_digest
 from ragkv.kvstore.errors import ConfigError
 from ragkv.kvstore.header_schema import text_field
-from ragkv.middleware.calibration import read_model_record
+from ragkv.middleware.calibration import model_record_path, read_model_record, write_model_record
 
 if TYPE_CHECKING:
     from ragkv.middleware.engine import ContextEngine
@@ -61,18 +60,11 @@ class CodecCalibration:
             raise ConfigError(f"invalid codec calibration: {exc}") from exc
 
     def save(self, directory: str | Path) -> Path:
-        path = codec_calibration_path(directory, self.fingerprint)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_model_record(codec_calibration_path(directory, self.fingerprint), self.to_dict())
 
 
 def codec_calibration_path(directory: str | Path, fingerprint: str) -> Path:
-    if not fingerprint.isalnum():
-        raise ConfigError(f"not a model fingerprint: {fingerprint!r}")
-    return Path(directory) / f"codec-calibration-{fingerprint}.json"
+    return model_record_path(directory, "codec-calibration", fingerprint)
 
 
 def load_codec_calibration(directory: str | Path, fingerprint: str) -> CodecCalibration | None:
