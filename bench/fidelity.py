@@ -27,9 +27,17 @@ from typing import Any
 
 import fidelity_set  # a sibling script: bench/ is on sys.path when a script here runs
 import torch
-from fidelity_codecs import CODECS, QUICK_CODECS, codec_context, codec_figures, finite, fit_transform_basis
+from fidelity_codecs import (
+    AGREEMENT_TOKENS,
+    CODECS,
+    QUICK_CODECS,
+    codec_context,
+    codec_figures,
+    finite,
+    fit_transform_basis,
+    plot_size_vs_drop,
+)
 from fidelity_codecs import PLOT as CODEC_PLOT
-from fidelity_codecs import plot_size_vs_drop
 from harness import Report, median, parse_args
 
 from ragkv.codecs import get_codec
@@ -43,7 +51,6 @@ from ragkv.middleware import (
     PrepareRequest,
 )
 
-AGREEMENT_TOKENS = 16
 DEFAULT = "blend 0.15 (default)"
 PLOT = Path(__file__).resolve().parent / "fidelity_accuracy_vs_ttft.png"
 

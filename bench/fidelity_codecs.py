@@ -22,6 +22,7 @@ QUICK_CODECS = ("cachegen-2 (mid)", "transform-3")
 CALIBRATION_DOCUMENTS = 64
 MAX_DROP_POINTS = 1.0
 MIN_AGREEMENT = 0.95
+AGREEMENT_TOKENS = 16  # as bench/fidelity.py compares
 PLOT = Path(__file__).resolve().parent / "fidelity_codecs_size_vs_drop.png"
 
 
@@ -77,7 +78,7 @@ def codec_figures(report: Any, results: dict[str, dict[str, float]], bits: dict[
 
 
 def plot_size_vs_drop(rows: dict[str, dict[str, float]], path: Path = PLOT) -> bool:
-    """Accuracy drop vs bits per element, one line per codec family."""
+    """Accuracy drop and agreement vs bits per element, one line per codec family."""
     try:
         import matplotlib
 
@@ -85,21 +86,31 @@ def plot_size_vs_drop(rows: dict[str, dict[str, float]], path: Path = PLOT) -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for family, marker in (("int", "s"), ("cachegen", "o"), ("transform", "^")):
-        points = sorted((r["bits"], r["drop"], n) for n, r in rows.items() if n.startswith(family))
-        if not points:
-            continue
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=family)
-        for x, y, name in points:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(MAX_DROP_POINTS, color="grey", linestyle=":", label=f"{MAX_DROP_POINTS:g}-point drop")
-    ax.set_xscale("log")
-    ax.set_xlabel("bits per KV element (log scale)")
-    ax.set_ylabel("accuracy drop vs full prefill (points)")
-    ax.set_title("Codec size vs answers, SmolLM2-135M-Instruct (real model, planted-fact RAG set)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=120)
+    for ax, key, label in ((axes[0], "drop", "accuracy drop vs full prefill (points)"),
+                           (axes[1], "agreement", f"agreement with full prefill (first {AGREEMENT_TOKENS} tokens)")):
+        for family, marker in (("int", "s"), ("cachegen", "o"), ("transform", "^")):
+            points = sorted((r["bits"], r[key], n) for n, r in rows.items() if n.startswith(family))
+            if not points:
+                continue
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=family)
+            for x, y, name in points:
+                ax.annotate(name.split(" ")[0], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if key == "drop":
+            ax.axhline(MAX_DROP_POINTS, color="grey", linestyle=":", label=f"{MAX_DROP_POINTS:g}-point drop")
+        else:
+            ax.axhline(MIN_AGREEMENT, color="grey", linestyle=":", label=f"agreement {MIN_AGREEMENT:g}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([0.25, 0.5, 1, 2, 4, 8, 16]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("bits per KV element (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Codec size vs answers, SmolLM2-135M-Instruct (real model, planted-fact RAG set)", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
