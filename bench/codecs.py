@@ -379,7 +379,7 @@ def main() -> None:
     delta = delta_experiment(kv)
     report.table("[real] delta coding against anchor tokens (every 10), cachegen mid bins",
                  ["scheme", "bits/elem", "mean abs err"],
-                 [["direct (shipped)", delta["direct_bits"], delta["direct_mean_err"]],
+                 [["direct (per-token scales, format 1)", delta["direct_bits"], delta["direct_mean_err"]],
                   ["symbol delta vs anchor (same reconstruction)", delta["symbol_delta_bits"], delta["direct_mean_err"]],
                   ["value delta vs reconstructed anchor (paper)", delta["value_delta_bits"],
                    delta["value_delta_mean_err"]]])
