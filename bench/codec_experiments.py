@@ -1,6 +1,8 @@
 """Codec experiments of ``bench/codecs.py`` that explain a design choice rather than measure a shipped codec."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -100,4 +102,35 @@ def scaling_axis_experiment(kv: torch.Tensor) -> list[list[object]]:
     return rows
 
 
-__all__ = ["delta_experiment", "scaling_axis_experiment"]
+
+
+def entropy_model_experiment(kv: torch.Tensor, basis: Any, level: int, position: int = 0) -> dict[str, float]:
+    """Bits per element of the transform codec's symbols at ``level`` under the basis' stored per-width models
+    (what it ships: no table in the payload) vs the ideal adaptive model (each chunk's own histogram per
+    width and layer, its cost counted as zero: a lower bound for any adaptive or stored-in-payload model)."""
+    from ragkv.codecs.rotary import cos_sin
+    from ragkv.codecs.transform import LEVEL_BITS, layer_plans, rotate_numpy
+    from ragkv.codecs.transform_basis import symbol_radius
+
+    L, _, H, T, D = kv.shape
+    cos, sin = (c.numpy() for c in cos_sin(basis.inv_freq, position, T))
+    stored = ideal = 0.0
+    for layer in range(L):
+        x = kv[layer].float().permute(0, 2, 1, 3).numpy().copy()  # [2, T, H, D]
+        x[0] = rotate_numpy(x[0], cos[:, None, :], -sin[:, None, :])
+        for kind, plan in enumerate(layer_plans(basis, layer, LEVEL_BITS[level])):
+            coefficients = (x[kind].reshape(T, H * D) - plan.mean) @ plan.projection
+            for width, start, end in plan.widths:
+                radius = symbol_radius(width)
+                q = np.clip(np.rint(coefficients[:, start:end] / plan.steps[start:end]), -radius, radius)
+                symbols = q.astype(np.int64).ravel() + radius
+                p = basis.probabilities[width - 1]
+                stored -= float(np.log2(p[symbols]).sum())
+                counts = np.bincount(symbols)
+                counts = counts[counts > 0]
+                ideal -= float((counts * np.log2(counts / counts.sum())).sum())
+    n = kv.numel()
+    return {"stored_bits": stored / n, "ideal_adaptive_bits": ideal / n}
+
+
+__all__ = ["delta_experiment", "entropy_model_experiment", "scaling_axis_experiment"]

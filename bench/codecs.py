@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from codec_experiments import delta_experiment, scaling_axis_experiment
+from codec_experiments import delta_experiment, entropy_model_experiment, scaling_axis_experiment
 from codec_sources import fit_bases, random_init_kv, real_calibration, real_kv
 from harness import Report, parse_args, time_call
 
@@ -369,6 +369,11 @@ def main() -> None:
                 "(caller + helper): the 2-process throughput when both cores are free; wall-clock figures "
                 "depend on the other work sharing this machine's 2 cores (load average in setup)")
 
+    models = [[level, *entropy_model_experiment(kv, bases["per layer"], level).values()] for level in (1, 3, 6)]
+    report.table("[real] transform entropy models: the basis' stored per-width models (shipped) vs the ideal "
+                 "adaptive model (each chunk's own histograms, table cost not counted), bits per element",
+                 ["level", "stored models", "ideal adaptive (lower bound)"], models)
+    report.figure("transform_stored_vs_ideal_adaptive_bits_level3", models[1][1] / models[1][2])
     axis = scaling_axis_experiment(kv)
     report.table("[real] why cachegen erred: keys coded with per-token scales alone (format 1) vs normalised per "
                  "channel first (format 2), real ANS streams, the channel block counted",
