@@ -108,16 +108,16 @@ def entropy_model_experiment(kv: torch.Tensor, basis: Any, level: int, position:
     """Bits per element of the transform codec's symbols at ``level`` under the basis' stored per-width models
     (what it ships: no table in the payload) vs the ideal adaptive model (each chunk's own histogram per
     width and layer, its cost counted as zero: a lower bound for any adaptive or stored-in-payload model)."""
-    from ragkv.codecs.rotary import cos_sin
-    from ragkv.codecs.transform import LEVEL_BITS, layer_plans, rotate_numpy
+    from ragkv.codecs.rotary import cos_sin, rotate
+    from ragkv.codecs.transform import LEVEL_BITS, layer_plans
     from ragkv.codecs.transform_basis import symbol_radius
 
     L, _, H, T, D = kv.shape
-    cos, sin = (c.numpy() for c in cos_sin(basis.inv_freq, position, T))
+    cos, sin = cos_sin(basis.inv_freq, position, T)
     stored = ideal = 0.0
     for layer in range(L):
         x = kv[layer].float().permute(0, 2, 1, 3).numpy().copy()  # [2, T, H, D]
-        x[0] = rotate_numpy(x[0], cos[:, None, :], -sin[:, None, :])
+        x[0] = rotate(x[0], cos[:, None, :], sin[:, None, :], inverse=True)
         for kind, plan in enumerate(layer_plans(basis, layer, LEVEL_BITS[level])):
             coefficients = (x[kind].reshape(T, H * D) - plan.mean) @ plan.projection
             for width, start, end in plan.widths:

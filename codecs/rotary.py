@@ -2,28 +2,45 @@
 
 The convention is the one of every model family ragkv supports (Llama's ``rotate_half``): channel pairs
 ``(i, i + D/2)`` of a key at position ``p`` are rotated by ``p * inv_freq[i]``. Angles are computed in
-float64 (large positions would otherwise lose phase) and applied in float32. This is the codecs' own copy of
-the rotation (``ragkv.codecs`` imports nothing above it); the middleware moves cached chunks with its own.
+float64 (large positions would otherwise lose phase) and applied in float32, in numpy on the calling thread.
+This is the codecs' own copy of the rotation (``ragkv.codecs`` imports nothing above it); the middleware moves
+cached chunks with its own.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-import torch
 
 
-def cos_sin(inv_freq: np.ndarray, position: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of tokens at ``position .. position + tokens - 1``: two float32 ``[T, D]`` tensors."""
-    angles = (np.arange(tokens, dtype=np.float64) + float(position))[:, None] * inv_freq.astype(np.float64)[None]
+def cos_sin(inv_freq: np.ndarray, position: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of tokens at ``position .. position + tokens - 1``: two float32 ``[T, D]`` arrays (read-only: rows
+    of a cached table whose length is a power of two)."""
+    rows = max(1, 1 << (tokens - 1).bit_length()) if tokens > 1 else 1
+    cos, sin = _table(np.asarray(inv_freq, dtype=np.float32).tobytes(), position, rows)
+    return cos[:tokens], sin[:tokens]
+
+
+@functools.lru_cache(maxsize=8)  # a few (position, length) tables: chunks mostly share one
+def _table(inv_freq: bytes, position: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    frequencies = np.frombuffer(inv_freq, dtype=np.float32).astype(np.float64)
+    angles = (np.arange(rows, dtype=np.float64) + float(position))[:, None] * frequencies[None]
     angles = np.concatenate([angles, angles], axis=1)  # [T, D]
-    return torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(np.sin(angles).astype(np.float32))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
 
 
-def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """keys: float32 ``[H, T, D]`` -> rotated by the angles whose cos/sin (``[T, D]``) are given, or back
-    (``inverse``). Returns a new tensor."""
-    half = keys.shape[-1] // 2
-    rotated_half = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    return keys * cos - rotated_half * sin if inverse else keys * cos + rotated_half * sin
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """float32 ``[..., D]`` rotated by the angles whose cos/sin broadcast against it (forward, or back with
+    ``inverse``); a new array."""
+    half = x.shape[-1] // 2
+    if inverse:
+        sin = -sin
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 __all__ = ["cos_sin", "rotate"]

@@ -25,7 +25,6 @@ whose basis is missing or different is a ``CodecError`` (a miss), never garbage.
 """
 from __future__ import annotations
 
-import functools
 import heapq
 import struct
 from collections.abc import Sequence
@@ -49,7 +48,7 @@ from ragkv.codecs.layered import ValidatingCodec
 from ragkv.codecs.optional_deps import require_constriction
 from ragkv.codecs.parallel import decode_workers
 from ragkv.codecs.payload import ByteReader, check_finite
-from ragkv.codecs.rotary import cos_sin
+from ragkv.codecs.rotary import cos_sin, rotate
 from ragkv.codecs.transform_basis import (
     MAX_WIDTH,
     STEP_SIGMAS,
@@ -166,31 +165,6 @@ def width_model(basis: TransformBasis, width: int) -> Any:
     return basis.cached(("model", width), lambda: categorical(basis.probabilities[width - 1], perfect=False))
 
 
-def _rope_table(basis: TransformBasis, position: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[T, D]`` for tokens at ``position ..``: rows of a cached table whose length is a power of two."""
-    cos, sin = _rope_rows(basis.inv_freq.tobytes(), position, max(1, 1 << (tokens - 1).bit_length()))
-    return cos[:tokens], sin[:tokens]
-
-
-def _rope_table_numpy(basis: TransformBasis, position: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    cos, sin = _rope_table(basis, position, tokens)
-    return cos.numpy(), sin.numpy()
-
-
-def rotate_numpy(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """float32 ``[..., D]`` keys rotated forward by the angles whose cos/sin broadcast against them (new array)."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half] -= x[..., half:] * sin[..., :half]
-    out[..., half:] += x[..., :half] * sin[..., half:]
-    return out
-
-
-@functools.lru_cache(maxsize=32)
-def _rope_rows(inv_freq: bytes, position: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return cos_sin(np.frombuffer(inv_freq, dtype=np.float32), position, rows)
-
-
 class _LayerPlan(NamedTuple):
     basis: TransformBasis
     sinks: int
@@ -234,7 +208,7 @@ class TransformCodec(ValidatingCodec):
         if position is not None and (isinstance(position, bool) or not 0 <= int(position) <= MAX_POSITION):
             raise CodecError(f"position must be an integer in 0..{MAX_POSITION}, got {position!r}")
         rope = position is not None and len(basis.inv_freq) > 0
-        table = _rope_table_numpy(basis, int(position), tokens) if rope else None
+        table = cos_sin(basis.inv_freq, int(position), tokens) if rope else None
         sinks = min(self.params.sink_tokens, tokens)
         header = _HEADER.pack(FORMAT_VERSION, self.params.level, sinks, FLAG_ROPE_UNDONE if rope else 0, tokens,
                               int(position) if rope else 0, bytes.fromhex(basis.digest[:16]))
@@ -247,7 +221,7 @@ class TransformCodec(ValidatingCodec):
         x = as_float32(layer.permute(0, 2, 1, 3), "transform_x")
         check_finite(x, self.name)
         if table is not None:  # keys with RoPE undone: rotated back by their positions' angles
-            x[0] = rotate_numpy(x[0], table[0][:, None, :], -table[1][:, None, :])
+            x[0] = rotate(x[0], table[0][:, None, :], table[1][:, None, :], inverse=True)
         sink_plans = layer_plans(basis, index, SINK_BITS)
         plans = layer_plans(basis, index, self.bits)
         pieces: list[tuple[np.ndarray, Any]] = []  # (symbols, model) in decode order
@@ -331,8 +305,8 @@ class TransformCodec(ValidatingCodec):
                 rows += kind_plan.offset
             x3 = x.reshape(tokens, heads, dim)
             if kind == 0 and plan.position is not None:
-                cos, sin = _rope_table_numpy(basis, plan.position, tokens)
-                x3 = rotate_numpy(x3, cos[:, None, :], sin[:, None, :])
+                cos, sin = cos_sin(basis.inv_freq, plan.position, tokens)
+                x3 = rotate(x3, cos[:, None, :], sin[:, None, :])
             write_float32(out[kind], x3.transpose(1, 0, 2))  # [H, T, D]
 
     def decode_layers(self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype,

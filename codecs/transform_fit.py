@@ -29,14 +29,14 @@ MAX_HISTOGRAM_VALUES = 1 << 22  # coefficients sampled (evenly) for the entropy 
 RELATIVE_SIGMA_FLOOR = 1e-6  # components weaker than this (relative to the strongest) are left out of them
 
 
-def features(kv_kind: torch.Tensor, cos_sin_table: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def features(kv_kind: torch.Tensor, cos_sin_table: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     """One layer's keys or values ``[H, T, D]`` -> float32 features ``[T, H * D]``; keys with ``cos_sin_table``
-    have their rotary embedding undone first."""
-    x = kv_kind.to(torch.float32)
+    (``[T, D]`` each) have their rotary embedding undone first."""
+    heads, tokens, dim = kv_kind.shape
+    x = kv_kind.detach().to("cpu", torch.float32).permute(1, 0, 2).numpy()  # [T, H, D]
     if cos_sin_table is not None:
-        x = rotate(x, *cos_sin_table, inverse=True)
-    heads, tokens, dim = x.shape
-    return x.permute(1, 0, 2).reshape(tokens, heads * dim)
+        x = rotate(x, cos_sin_table[0][:, None, :], cos_sin_table[1][:, None, :], inverse=True)
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(tokens, heads * dim)
 
 
 def _check_samples(samples: Sequence[tuple[torch.Tensor, int | None]]) -> tuple[int, int, int]:
@@ -70,21 +70,21 @@ def fit_basis(samples: Sequence[tuple[torch.Tensor, int | None]], inv_freq: torc
     return seal(TransformBasis(num_layers, heads, dim, layer_group, rope, fitted, probabilities))
 
 
-def _stacked(samples, tables, layers: range, kind: int) -> torch.Tensor:
-    return torch.cat([features(kv[layer, kind], table if kind == 0 else None)
-                      for layer in layers for (kv, _), table in zip(samples, tables, strict=True)])
+def _stacked(samples, tables, layers: range, kind: int) -> np.ndarray:
+    return np.concatenate([features(kv[layer, kind], table if kind == 0 else None)
+                           for layer in layers for (kv, _), table in zip(samples, tables, strict=True)])
 
 
 def _fit_kind(samples, tables, layers: range, kind: int) -> KindBasis:
-    x = _stacked(samples, tables, layers, kind).to(torch.float64)  # [N, C]
+    x = _stacked(samples, tables, layers, kind).astype(np.float64)  # [N, C]
     if x.shape[0] == 0:
         raise CodecError("calibration KV holds no tokens")
-    mean = x.mean(0)
+    mean = x.mean(axis=0)
     centred = x - mean
-    variances, vectors = torch.linalg.eigh(centred.T @ centred / x.shape[0])
-    variances, vectors = variances.flip(0).clamp(min=0.0), vectors.flip(1)
-    return KindBasis(mean.numpy().astype(np.float32), variances.numpy().astype(np.float32),
-                     np.ascontiguousarray(vectors.numpy().astype(np.float32)))
+    variances, vectors = np.linalg.eigh(centred.T @ centred / x.shape[0])
+    variances, vectors = np.clip(variances[::-1], 0.0, None), vectors[:, ::-1]
+    return KindBasis(mean.astype(np.float32), variances.astype(np.float32),
+                     np.ascontiguousarray(vectors, dtype=np.float32))
 
 
 def _width_models(samples, tables, fitted, layer_group: int) -> list[np.ndarray]:
@@ -97,7 +97,7 @@ def _width_models(samples, tables, fitted, layer_group: int) -> list[np.ndarray]
             keep = sigma > RELATIVE_SIGMA_FLOOR * max(float(sigma.max()), 1e-30)
             if not keep.any():
                 continue
-            x = _stacked(samples, tables, layers, kind).numpy().astype(np.float64)
+            x = _stacked(samples, tables, layers, kind).astype(np.float64)
             z = (x - basis.mean) @ basis.components[:, keep].astype(np.float64) / sigma[keep]
             pooled.append(z.ravel())
     values = np.concatenate(pooled) if pooled else np.zeros(1)

@@ -96,7 +96,7 @@ def _error_bound(name: str, params: dict, kv: torch.Tensor) -> torch.Tensor:
     group (KIVI groups for quant, the token's scale over the layer's bins for cachegen), plus the
     rounding of stored fp16 scales and of the output dtype."""
     x = kv.float()
-    L, _, _, T, _ = x.shape
+    T = x.shape[3]
     if name == "quant":
         codec = get_codec(name, params)
         levels = (1 << codec.params.bits) - 1
@@ -137,7 +137,7 @@ def _transform_bound(params: dict, kv: torch.Tensor, position: int | None = None
         for kind in (0, 1):
             full = basis.group_of(layer)[kind]
             components = torch.from_numpy(full.components).double()  # [C, R]
-            x = features(kv[layer, kind], table if kind == 0 else None).double()
+            x = torch.from_numpy(features(kv[layer, kind], table if kind == 0 else None)).double()
             y = (x - torch.from_numpy(full.mean).double()) @ components  # [T, R]
             err = y.abs()
             for bits, rows in ((SINK_BITS, slice(0, sinks)), (LEVEL_BITS[p.level], slice(sinks, T))):

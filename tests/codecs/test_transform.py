@@ -36,7 +36,7 @@ def rotary_kv(layers: int, heads: int, tokens: int, dim: int, position: int, see
     coefficients = torch.randn(layers, tokens, 2, generator=g) * 3.0
     keys = (coefficients @ mix.transpose(1, 2)).view(layers, tokens, heads, dim).permute(0, 2, 1, 3)  # [L, H, T, D]
     cos, sin = cos_sin(rope_frequencies(dim).numpy(), position, tokens)
-    keys = torch.stack([rotate(keys[i], cos, sin) for i in range(layers)])
+    keys = torch.stack([torch.from_numpy(rotate(keys[i].numpy(), cos, sin)) for i in range(layers)])
     values = torch.randn(layers, heads, tokens, dim, generator=g)
     return torch.stack([keys, values], dim=1)
 
