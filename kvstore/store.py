@@ -31,6 +31,7 @@ import torch
 
 from ragkv.codecs.transform_basis import add_basis_source
 from ragkv.kvstore.artefacts import read_artefact, write_artefact
+from ragkv.kvstore.async_api import AsyncStoreAPI
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.config import StoreConfig, resolve_config
 from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, rewrite_header
@@ -42,8 +43,9 @@ from ragkv.kvstore.write_back import PendingWrite, WriteBackQueue
 _KEY_LOCK_STRIPES = 256
 
 
-class TieredStore:
-    """Compose tiers fastest-first. Thread-safe; a context manager."""
+class TieredStore(AsyncStoreAPI):
+    """Compose tiers fastest-first. Thread-safe; a context manager; async forms of the operations (``aget``,
+    ``aget_many``, ``aput``, ``adelete``, ``acontains``) for asyncio applications."""
 
     def __init__(self, config: StoreConfig | str | os.PathLike[str] | Sequence[Tier] | None = None) -> None:
         if isinstance(config, (list, tuple)) and config and all(isinstance(t, Tier) for t in config):

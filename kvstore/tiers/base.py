@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from ragkv.codecs import Codec, CodecError, get_codec
 from ragkv.codecs.transform_basis import add_basis_source
 from ragkv.kvstore.artefacts import read_artefact, write_artefact
+from ragkv.kvstore.async_api import AsyncStoreAPI
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.container import decode_entry, encode_entry
 from ragkv.kvstore.errors import ConfigError, CorruptEntry
@@ -71,8 +72,9 @@ class TierConfig:
             raise ConfigError(str(exc)) from exc
 
 
-class Tier:
-    """Base tier: subclasses implement the single-key operations; batched ones loop by default."""
+class Tier(AsyncStoreAPI):
+    """Base tier: subclasses implement the single-key operations; batched ones loop by default; the async forms
+    (``aget``, ``aput``, ...) run them on worker threads."""
 
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[TierConfig]] = TierConfig

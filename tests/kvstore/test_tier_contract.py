@@ -1,6 +1,7 @@
 """One contract suite over every tier and over TieredStore combinations: they all behave as one store."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -258,3 +259,26 @@ def test_large_values(target: Callable[..., Any]) -> None:
     store.put(key_of(chunk), chunk)
     settle(store)
     assert torch.equal(store.get(key_of(chunk)).kv.cpu(), chunk.kv)
+
+
+def test_async_forms_behave_as_the_blocking_ones(target: Callable[..., Any]) -> None:
+    """aput / aget / aget_many / acontains / adelete: the same answers, many at once on one event loop."""
+    store = target()
+    chunks = [make_chunk(40 + i) for i in range(12)]
+    keys = [key_of(c) for c in chunks]
+
+    async def scenario() -> None:
+        assert await store.aget(keys[0]) is None and not await store.acontains(keys[0])
+        await asyncio.gather(*(store.aput(k, c) for k, c in zip(keys, chunks, strict=True)))
+        settle(store)
+        got = await asyncio.gather(*(store.aget(k) for k in keys))
+        assert all(g is not None and torch.equal(g.kv.cpu(), c.kv) for g, c in zip(got, chunks, strict=True))
+        many = await store.aget_many([keys[3], "t1:absent", keys[5]])
+        assert many[1] is None and torch.equal(many[0].kv.cpu(), chunks[3].kv)
+        assert torch.equal(many[2].kv.cpu(), chunks[5].kv)
+        assert await store.acontains(keys[7])
+        assert await store.adelete(keys[7]) and not await store.adelete(keys[7])
+        settle(store)
+        assert not await store.acontains(keys[7]) and await store.aget(keys[7]) is None
+
+    asyncio.run(scenario())
