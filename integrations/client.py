@@ -6,6 +6,7 @@ server-sent events for streaming, container blobs for chunks).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
@@ -91,7 +92,9 @@ def _decode_event(event: str, data: str) -> str | dict[str, Any] | None:
 
 
 class RagkvClient:
-    """Sync and async calls to one ragkv service. Thread-safe for sync calls (one pooled httpx.Client)."""
+    """Sync and async calls to one ragkv service, each kind through one connection pool kept for the client's
+    lifetime (an ``httpx.Client``; an ``httpx.AsyncClient`` made on the first async call, per event loop). A
+    context manager, sync or async; thread-safe for sync calls."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 300.0,
                  transport: httpx.BaseTransport | None = None) -> None:
@@ -101,18 +104,39 @@ class RagkvClient:
         inner = transport or httpx.HTTPTransport()
         self._client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout_s,
                                     transport=_ReportingTransport(inner, self.base_url))
+        self._async: httpx.AsyncClient | None = None
+        self._async_loop: asyncio.AbstractEventLoop | None = None
 
     def _async_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout_s)
+        """The async pool of the running event loop (its connections belong to that loop: a client used from a
+        new loop gets a new pool, and the old one is dropped with its loop)."""
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async_loop is not loop:
+            self._async = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout_s)
+            self._async_loop = loop
+        return self._async
 
     def close(self) -> None:
         self._client.close()
+
+    async def aclose(self) -> None:
+        """Close both pools (the async one from its own event loop)."""
+        if self._async is not None and self._async_loop is asyncio.get_running_loop():
+            await self._async.aclose()
+        self._async = self._async_loop = None
+        self.close()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     # -- JSON endpoints ---------------------------------------------------------------------------------------------
     def _post(self, path: str, body: Mapping[str, Any]) -> Any:
@@ -121,8 +145,7 @@ class RagkvClient:
         return response.json()
 
     async def _apost(self, path: str, body: Mapping[str, Any]) -> Any:
-        async with self._async_client() as client:
-            response = await client.post(path, json=body)
+        response = await self._async_client().post(path, json=body)
         _raise_for(response)
         return response.json()
 
@@ -160,7 +183,7 @@ class RagkvClient:
     async def astream(self, query: str, documents: Sequence[str | Mapping[str, str]] = (), **options: Any
                       ) -> AsyncIterator[str | dict[str, Any]]:
         body = {"query": query, "documents": list(documents), **_clean(options), "stream": True}
-        async with self._async_client() as client, client.stream("POST", "/v1/generate", json=body) as response:
+        async with self._async_client().stream("POST", "/v1/generate", json=body) as response:
             if response.status_code >= 400:
                 await response.aread()
                 _raise_for(response)

@@ -39,6 +39,29 @@ def test_client_round_trips(service: Any) -> None:
     assert err.value.status == 401
 
 
+@pytest.mark.asyncio
+async def test_async_calls_share_one_connection_pool(service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from ragkv.integrations import client as client_module
+
+    made: list[httpx.AsyncClient] = []
+
+    class CountingClient(httpx.AsyncClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(client_module.httpx, "AsyncClient", CountingClient)
+    async with RagkvClient(service.url, service.keys["bob"]) as client:
+        await client.awarm([f"k3 v4 ; pool {uuid.uuid4().hex[:6]}"])
+        answer = await client.agenerate("Q k3 ?", max_new_tokens=1)
+        pieces = [p async for p in client.astream("Q k3 ?", max_new_tokens=1)]
+        assert answer["answer"] is not None and isinstance(pieces[-1], dict)
+        assert len(made) == 1 and not made[0].is_closed  # one pool for every async call
+    assert made[0].is_closed  # closed with the client
+
+
 def test_langchain_chain_over_http(http_backend: HttpBackend) -> None:
     pytest.importorskip("langchain_core")
     from langchain_core.embeddings import DeterministicFakeEmbedding
