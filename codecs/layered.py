@@ -40,12 +40,18 @@ class ValidatingCodec(Codec):
         layer_shape = (2, heads, tokens, dim)
         plans = [self.plan_layer(views[i], layer_shape, dtype, i, num_layers) for i in layers]
         out = torch.empty((len(layers), 2, heads, tokens, dim), dtype=dtype)
+        self.decode_all(plans, layer_shape, dtype, out)
+        return out
+
+    def decode_all(self, plans: Sequence[Any], shape: tuple[int, int, int, int], dtype: torch.dtype,
+                   out: torch.Tensor) -> None:
+        """Decode validated layers into ``out`` (``[len(plans), 2, H, T, D]``): one after another, or on the
+        codec thread pool when ``threaded``. Codecs with their own parallelism override this."""
         if self.threaded:
-            thread_map(lambda j: self.decode_planned(plans[j], layer_shape, dtype, out[j]), len(layers))
+            thread_map(lambda j: self.decode_planned(plans[j], shape, dtype, out[j]), len(plans))
         else:
             for j, plan in enumerate(plans):
-                self.decode_planned(plan, layer_shape, dtype, out[j])
-        return out
+                self.decode_planned(plan, shape, dtype, out[j])
 
     def encode(self, kv: torch.Tensor, position: int | None = None) -> bytes:
         if not self.threaded:

@@ -37,7 +37,6 @@ import torch
 from ragkv.codecs.base import (
     CodecError,
     CodecParams,
-    check_decode_args,
     check_encode_input,
     join_layers,
     register_codec,
@@ -165,6 +164,16 @@ def width_model(basis: TransformBasis, width: int) -> Any:
     return basis.cached(("model", width), lambda: categorical(basis.probabilities[width - 1], perfect=False))
 
 
+def stream_layout(basis: TransformBasis, layer: int, bits: float, sinks: int, tokens: int
+                  ) -> list[tuple[int, KindPlan, int, int]]:
+    """A layer's stream in decode order: (kind, coding plan, first row, end row) for the keys' then the values'
+    sink rows and other rows (empty row ranges left out)."""
+    sink_plans = layer_plans(basis, layer, SINK_BITS)
+    plans = layer_plans(basis, layer, bits)
+    return [(kind, plan, lo, hi) for kind in (0, 1)
+            for plan, lo, hi in ((sink_plans[kind], 0, sinks), (plans[kind], sinks, tokens)) if hi > lo]
+
+
 class _LayerPlan(NamedTuple):
     basis: TransformBasis
     sinks: int
@@ -222,20 +231,16 @@ class TransformCodec(ValidatingCodec):
         check_finite(x, self.name)
         if table is not None:  # keys with RoPE undone: rotated back by their positions' angles
             x[0] = rotate(x[0], table[0][:, None, :], table[1][:, None, :], inverse=True)
-        sink_plans = layer_plans(basis, index, SINK_BITS)
-        plans = layer_plans(basis, index, self.bits)
+        features = x.reshape(2, tokens, heads * dim)  # [2, T, C]
         pieces: list[tuple[np.ndarray, Any]] = []  # (symbols, model) in decode order
-        for kind in (0, 1):
-            kind_features = x[kind].reshape(tokens, heads * dim)  # [T, C]
-            for plan, rows in ((sink_plans[kind], kind_features[:sinks]), (plans[kind], kind_features[sinks:])):
-                if rows.shape[0] == 0 or not plan.widths:
-                    continue
-                coefficients = (rows - plan.mean) @ plan.projection  # [t, k]
-                for width, start, end in plan.widths:
-                    radius = symbol_radius(width)
-                    q = np.clip(np.rint(coefficients[:, start:end] / plan.steps[start:end]), -radius, radius)
-                    pieces.append((np.ascontiguousarray(q.T, dtype=np.int32).ravel() + radius,
-                                   width_model(basis, width)))
+        for kind, plan, lo, hi in stream_layout(basis, index, self.bits, sinks, tokens):
+            if not plan.widths:
+                continue
+            coefficients = (features[kind, lo:hi] - plan.mean) @ plan.projection  # [t, k]
+            for width, start, end in plan.widths:
+                radius = symbol_radius(width)
+                q = np.clip(np.rint(coefficients[:, start:end] / plan.steps[start:end]), -radius, radius)
+                pieces.append((np.ascontiguousarray(q.T, dtype=np.int32).ravel() + radius, width_model(basis, width)))
         coder = require_constriction().stream.stack.AnsCoder()
         for symbols, model in reversed(pieces):
             coder.encode_reverse(symbols, model)
@@ -266,11 +271,11 @@ class TransformCodec(ValidatingCodec):
         reader.done()
         return _LayerPlan(basis, sinks, position if flags else None, words, layer_index)
 
+    def _layout(self, plan: _LayerPlan, tokens: int) -> list[tuple[int, KindPlan, int, int]]:
+        return stream_layout(plan.basis, plan.layer, self.bits, plan.sinks, tokens)
+
     def _layer_pieces(self, plan: _LayerPlan, tokens: int) -> tuple[Piece, ...]:
-        sink_plans = layer_plans(plan.basis, plan.layer, SINK_BITS)
-        plans = layer_plans(plan.basis, plan.layer, self.bits)
-        return layer_pieces([(p, rows) for kind in (0, 1)
-                             for p, rows in ((sink_plans[kind], plan.sinks), (plans[kind], tokens - plan.sinks))])
+        return layer_pieces([(kind_plan, hi - lo) for _, kind_plan, lo, hi in self._layout(plan, tokens)])
 
     def decode_planned(self, plan: _LayerPlan, shape: tuple[int, int, int, int], dtype: torch.dtype,
                        out: torch.Tensor) -> None:
@@ -285,50 +290,37 @@ class TransformCodec(ValidatingCodec):
         """A layer's decoded symbols (int32, stream order) -> ``out`` ``[2, H, T, D]``. numpy on this thread:
         torch's intra-op threads cost far more than they save on these sizes when the cores are shared."""
         _, heads, tokens, dim = shape
-        basis, sinks = plan.basis, plan.sinks
-        sink_plans = layer_plans(basis, plan.layer, SINK_BITS)
-        plans = layer_plans(basis, plan.layer, self.bits)
-        x = scratch_float32("transform_features", (tokens, heads * dim))
+        x = scratch_float32("transform_features", (2, tokens, heads * dim))
         pos = 0
-        for kind in (0, 1):
-            for kind_plan, lo, hi in ((sink_plans[kind], 0, sinks), (plans[kind], sinks, tokens)):
-                if hi == lo:
-                    continue
-                rows = x[lo:hi]
-                if not kind_plan.widths:
-                    rows[:] = kind_plan.mean
-                    continue
-                kept = kind_plan.projection.shape[1]
-                block = symbols[pos:pos + kept * (hi - lo)].reshape(kept, hi - lo)  # [k, t]
-                pos += kept * (hi - lo)
-                np.matmul(block.T.astype(np.float32), kind_plan.reconstruction, out=rows)
-                rows += kind_plan.offset
-            x3 = x.reshape(tokens, heads, dim)
-            if kind == 0 and plan.position is not None:
-                cos, sin = cos_sin(basis.inv_freq, plan.position, tokens)
-                x3 = rotate(x3, cos[:, None, :], sin[:, None, :])
-            write_float32(out[kind], x3.transpose(1, 0, 2))  # [H, T, D]
+        for kind, kind_plan, lo, hi in self._layout(plan, tokens):
+            rows = x[kind, lo:hi]
+            if not kind_plan.widths:
+                rows[:] = kind_plan.mean
+                continue
+            kept = kind_plan.projection.shape[1]
+            block = symbols[pos:pos + kept * (hi - lo)].reshape(kept, hi - lo)  # [k, t]
+            pos += kept * (hi - lo)
+            np.matmul(block.T.astype(np.float32), kind_plan.reconstruction, out=rows)
+            rows += kind_plan.offset
+        x4 = x.reshape(2, tokens, heads, dim)
+        keys = x4[0]
+        if plan.position is not None:
+            cos, sin = cos_sin(plan.basis.inv_freq, plan.position, tokens)
+            keys = rotate(keys, cos[:, None, :], sin[:, None, :])
+        write_float32(out[0], keys.transpose(1, 0, 2))  # [H, T, D]
+        write_float32(out[1], x4[1].transpose(1, 0, 2))
 
-    def decode_layers(self, payload: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype,
-                      layers: Sequence[int]) -> torch.Tensor:
-        """As every validating codec (each requested layer checked before the output is allocated); with
-        ``decode_workers() > 1`` and enough symbols, pool helpers decode layers' streams while this thread
-        reconstructs the finished ones."""
-        num_layers, heads, tokens, dim, layers = check_decode_args(shape, dtype, layers)
-        views = self._layer_views(payload, num_layers)
-        layer_shape = (2, heads, tokens, dim)
-        plans = [self.plan_layer(views[i], layer_shape, dtype, i, num_layers) for i in layers]
-        out = torch.empty((len(layers), 2, heads, tokens, dim), dtype=dtype)
-        pieces = [self._layer_pieces(plan, tokens) for plan in plans]
+    def decode_all(self, plans: Sequence[_LayerPlan], shape: tuple[int, int, int, int], dtype: torch.dtype,
+                   out: torch.Tensor) -> None:
+        """With ``decode_workers() > 1`` and enough symbols, pool helpers decode layers' streams while this thread
+        reconstructs the finished ones; else one layer after another."""
+        pieces = [self._layer_pieces(plan, shape[2]) for plan in plans]
         counts = [sum(p.count for p in layer) for layer in pieces]
         workers = decode_workers()
         pool = get_pool(workers - 1, wait=False) if (workers > 1 and len(plans) > 1
                                                      and sum(counts) >= POOL_MIN_SYMBOLS) else None
-        if self._decode_pooled(pool, plans, pieces, counts, layer_shape, out):
-            return out
-        for j, plan in enumerate(plans):
-            self.decode_planned(plan, layer_shape, dtype, out[j])
-        return out
+        if not self._decode_pooled(pool, list(plans), pieces, counts, shape, out):
+            super().decode_all(plans, shape, dtype, out)
 
     def _decode_pooled(self, pool: Any, plans: list[_LayerPlan], pieces: list[tuple[Piece, ...]], counts: list[int],
                        shape: tuple[int, int, int, int], out: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ implies (before any array is read), finiteness, the order of the variances and t
 component, and refuses more than ``MAX_BASIS_BYTES``.
 
 Codecs find a basis by digest through a process-wide registry: bases registered here (``register_basis``),
-else from the sources added with ``add_basis_source`` (a store adds itself: any source returning the bytes
+else from the sources added with ``add_basis_source`` (every tier adds itself: any source returning the bytes
 of that digest is as good as any other, since the digest names the content).
 """
 from __future__ import annotations

@@ -63,11 +63,16 @@ def fit_basis(samples: Sequence[tuple[torch.Tensor, int | None]], inv_freq: torc
     tables = [cos_sin(rope, pos, kv.shape[3]) if len(rope) and pos is not None else None for kv, pos in samples]
     groups = -(-num_layers // layer_group)
     fitted: list[tuple[KindBasis, KindBasis]] = []
+    pooled: list[np.ndarray] = []  # normalised coefficients, for the entropy models
     for g in range(groups):
         layers = range(g * layer_group, min((g + 1) * layer_group, num_layers))
-        fitted.append(tuple(_fit_kind(samples, tables, layers, kind) for kind in (0, 1)))  # type: ignore[misc]
-    probabilities = _width_models(samples, tables, fitted, layer_group)
-    return seal(TransformBasis(num_layers, heads, dim, layer_group, rope, fitted, probabilities))
+        kinds = []
+        for kind in (0, 1):
+            x = _stacked(samples, tables, layers, kind).astype(np.float64)  # [N, C], computed once per group
+            kinds.append(_fit_kind(x))
+            pooled.append(_normalised_coefficients(x, kinds[-1]))
+        fitted.append((kinds[0], kinds[1]))
+    return seal(TransformBasis(num_layers, heads, dim, layer_group, rope, fitted, _width_models(pooled)))
 
 
 def _stacked(samples, tables, layers: range, kind: int) -> np.ndarray:
@@ -75,8 +80,8 @@ def _stacked(samples, tables, layers: range, kind: int) -> np.ndarray:
                            for layer in layers for (kv, _), table in zip(samples, tables, strict=True)])
 
 
-def _fit_kind(samples, tables, layers: range, kind: int) -> KindBasis:
-    x = _stacked(samples, tables, layers, kind).astype(np.float64)  # [N, C]
+def _fit_kind(x: np.ndarray) -> KindBasis:
+    """Features ``[N, C]`` (float64) -> their mean and principal components, largest variance first."""
     if x.shape[0] == 0:
         raise CodecError("calibration KV holds no tokens")
     mean = x.mean(axis=0)
@@ -87,19 +92,19 @@ def _fit_kind(samples, tables, layers: range, kind: int) -> KindBasis:
                      np.ascontiguousarray(vectors, dtype=np.float32))
 
 
-def _width_models(samples, tables, fitted, layer_group: int) -> list[np.ndarray]:
+def _normalised_coefficients(x: np.ndarray, basis: KindBasis) -> np.ndarray:
+    """Every coefficient of ``x`` in ``basis`` divided by its component's standard deviation (flat; the
+    components with next to no variance left out)."""
+    sigma = np.sqrt(basis.variances.astype(np.float64))
+    keep = sigma > RELATIVE_SIGMA_FLOOR * max(float(sigma.max(initial=0.0)), 1e-30)
+    if not keep.any():
+        return np.zeros(0)
+    return ((x - basis.mean) @ basis.components[:, keep].astype(np.float64) / sigma[keep]).ravel()
+
+
+def _width_models(pooled: list[np.ndarray]) -> list[np.ndarray]:
     """Per width, the pooled histogram of normalised coefficients quantized at that width."""
-    pooled = []
-    for g, group in enumerate(fitted):
-        layers = range(g * layer_group, min((g + 1) * layer_group, samples[0][0].shape[0]))
-        for kind, basis in enumerate(group):
-            sigma = np.sqrt(basis.variances.astype(np.float64))
-            keep = sigma > RELATIVE_SIGMA_FLOOR * max(float(sigma.max()), 1e-30)
-            if not keep.any():
-                continue
-            x = _stacked(samples, tables, layers, kind).astype(np.float64)
-            z = (x - basis.mean) @ basis.components[:, keep].astype(np.float64) / sigma[keep]
-            pooled.append(z.ravel())
+    pooled = [z for z in pooled if len(z)]
     values = np.concatenate(pooled) if pooled else np.zeros(1)
     if len(values) > MAX_HISTOGRAM_VALUES:
         values = values[:: -(-len(values) // MAX_HISTOGRAM_VALUES)]

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from ragkv.codecs.transform_basis import add_basis_source
 from ragkv.kvstore.artefacts import read_artefact, write_artefact
 from ragkv.kvstore.async_api import AsyncStoreAPI
 from ragkv.kvstore.chunk import ChunkKV, check_key
@@ -62,7 +61,6 @@ class TieredStore(AsyncStoreAPI):
                     t.close()
                 raise
         self.names = _unique_names(self.tiers)
-        add_basis_source(self.get_artefact)
         self.limits = EntryLimits(self.config.max_entry_elements)
         for tier in self.tiers:
             tier.limits = self.limits
@@ -300,8 +298,9 @@ class TieredStore(AsyncStoreAPI):
         return write_artefact(self.tiers, data)
 
     def get_artefact(self, digest: str) -> bytes | None:
-        """An artefact's verified bytes, or None (also once the store is closed). The store is a source of
-        transform bases: chunks coded against a basis it holds decode in this process without more set-up."""
+        """An artefact's verified bytes from the fastest tier holding a good copy (copied up into faster tiers), or
+        None (also once the store is closed). Each tier is itself a source of transform bases, so chunks coded
+        against a basis the store holds decode in this process without more set-up."""
         if self._closed:
             return None
         return read_artefact(self.tiers, digest)

@@ -87,13 +87,13 @@ def calibrate_transform(engine: ContextEngine, texts: Sequence[str | Sequence[in
         basis, data = fit_basis(samples, rope, layer_group=layer_group)
     except CodecError as exc:
         raise ConfigError(f"cannot fit a transform basis: {exc}") from exc
-    if sum(c.num_tokens for c in chunks) < 4 * basis.features:
+    tokens = sum(c.num_tokens for c in chunks)
+    if tokens < 4 * basis.features:
         log.warning("the transform basis was fitted on %d tokens for %d features: calibrate on more text (a "
-                    "corpus) for a basis that generalises", sum(c.num_tokens for c in chunks), basis.features)
+                    "corpus) for a basis that generalises", tokens, basis.features)
     engine.store.put_artefact(data)
     register_basis(basis, default=True)
-    record = CodecCalibration(str(adapter.fingerprint), basis.digest, layer_group, len(chunks),
-                              sum(c.num_tokens for c in chunks))
+    record = CodecCalibration(str(adapter.fingerprint), basis.digest, layer_group, len(chunks), tokens)
     return record, basis
 
 
