@@ -13,8 +13,10 @@ from ragkv.kvstore import read_header
 
 
 def _texts(n: int = 3) -> list[str]:
-    tag = uuid.uuid4().int % 50  # fresh texts per test, so first requests are cold
-    return [f"k{(tag + i) % 64} v{(tag * 3 + i) % 64} ; the k{(tag + 7 * i + 1) % 64} v{i} ; see" for i in range(n)]
+    tag = uuid.uuid4().int % 50
+    fresh = uuid.uuid4().hex[:8]  # unique per call, so first requests are cold (tag alone repeats: 1 in 50)
+    return [f"k{(tag + i) % 64} v{(tag * 3 + i) % 64} ; the k{(tag + 7 * i + 1) % 64} v{i} ; see {fresh}"
+            for i in range(n)]
 
 
 def _sse(text: str) -> list[tuple[str, Any]]:
