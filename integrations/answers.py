@@ -12,11 +12,8 @@ from typing import Any
 
 from ragkv.kvstore import SHARED_NAMESPACE, RagKVError
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.errors import Overloaded
 from ragkv.middleware.prompt_template import ChatTurn
-
-
-class Overloaded(RagKVError):
-    """Too many model requests are already waiting; retry later (HTTP 429)."""
 
 
 class Forbidden(RagKVError):

@@ -2,13 +2,13 @@
 
 Why one object: every integration does the same three things — warm chunk texts, answer a query over
 documents (texts or stored chunk keys) with a strategy, and report what the cache did — and the engine is
-not thread-safe (its prefix cache, cost model and the model's own decoding state). The runtime serialises
-model work behind one lock with a bounded wait list, so a burst of requests queues (or is refused with
-``Overloaded``) instead of growing without bound, while store-only work (chunk get/put) never waits for it.
+not thread-safe (its prefix cache, cost model and the model's own decoding state). All model work runs on
+one ``Scheduler`` worker: concurrent answers are decoded together in one batch (continuous batching), warm
+jobs run in small units at a lower priority, and a full queue is refused with ``Overloaded`` instead of
+growing without bound. Store-only work (chunk get/put, key checks) never waits for it.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from ragkv.integrations.answers import (
     Document,
     Forbidden,
     NotFound,
-    Overloaded,
     TokenCallback,
     answer_from,
 )
@@ -34,13 +33,18 @@ from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.calibration import load_calibration
 from ragkv.middleware.codec_calibration import load_codec_calibration, use_codec_calibration
 from ragkv.middleware.model_registry import models_dir
+from ragkv.middleware.scheduler import Scheduler, SchedulerConfig
+
+WARM_UNIT_CHUNKS = 2  # chunks prefilled per warm unit: small, so generation waits at most one unit
 
 
 class RagRuntime:
-    """Model + store + engine behind one lock. A context manager; ``close`` closes the store it opened."""
+    """Model + store + engine, model work on one scheduler. A context manager; ``close`` stops the scheduler and
+    closes the store it opened. ``max_waiting``/``wait_timeout_s`` override the scheduler config's."""
 
-    def __init__(self, loaded: LoadedModel, store: TieredStore, *, max_waiting: int = 16,
-                 wait_timeout_s: float = 120.0, own_store: bool = False, engine_config: Any = None,
+    def __init__(self, loaded: LoadedModel, store: TieredStore, *, max_waiting: int | None = None,
+                 wait_timeout_s: float | None = None, scheduler: SchedulerConfig | None = None,
+                 own_store: bool = False, engine_config: Any = None,
                  max_chunk_tokens: int = 4096, max_context_tokens: int | None = None,
                  use_calibration: bool = True, calibration_dir: str | Path | None = None) -> None:
         from ragkv.middleware.engine import ContextEngine, EngineConfig
@@ -58,8 +62,11 @@ class RagRuntime:
             fingerprint = str(self.adapter.fingerprint)
             self.engine.use_calibration(load_calibration(folder, fingerprint))
             self.transform_basis = use_codec_calibration(load_codec_calibration(folder, fingerprint))
-        self.max_waiting = max_waiting
-        self.wait_timeout_s = wait_timeout_s
+        config = scheduler or SchedulerConfig()
+        overrides = {"max_waiting": max_waiting, "wait_timeout_s": wait_timeout_s}
+        config = SchedulerConfig(**{**config.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        self.scheduler = Scheduler(self.adapter, config)
+        self.max_waiting = config.max_waiting
         self._own_store = own_store
         # Budgets that keep one request's compute and memory bounded: a chunk is prefilled alone, a prompt
         # (plus its generation) is bounded by the model's trained positions unless told otherwise.
@@ -68,9 +75,6 @@ class RagRuntime:
         self.max_context_tokens = max_context_tokens or int(positions or 16384)
         # No blob may claim more KV than the largest chunk this model makes (decompression bombs).
         store.limit_entries(self.chunk_bytes(max_chunk_tokens) // self.adapter.dtype.itemsize)
-        self._model_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._waiting = 0
 
     @classmethod
     def open(cls, store: str | TieredStore | None = None, model: str | None = None, *, dtype: str | None = None,
@@ -86,22 +90,10 @@ class RagRuntime:
             opened.close()
             raise
 
-    # -- model lock ---------------------------------------------------------------------------------------------
-    def _acquire(self) -> None:
-        with self._state_lock:
-            if self._waiting >= self.max_waiting:
-                raise Overloaded(f"{self._waiting} model requests are already waiting; retry later")
-            self._waiting += 1
-        try:
-            if not self._model_lock.acquire(timeout=self.wait_timeout_s):
-                raise Overloaded(f"the model stayed busy for {self.wait_timeout_s:.0f} s; retry later")
-        finally:
-            with self._state_lock:
-                self._waiting -= 1
-
     @property
     def waiting(self) -> int:
-        return self._waiting
+        """Answer requests queued for the model and not yet started."""
+        return self.scheduler.waiting
 
     # -- warming -------------------------------------------------------------------------------------------------
     def chunk_tokens(self, text: str) -> list[int]:
@@ -141,11 +133,10 @@ class RagRuntime:
         for i, ids in enumerate(token_lists):
             if len(ids) > self.max_chunk_tokens:
                 raise ConfigError(f"text {i} has {len(ids)} tokens; the limit is {self.max_chunk_tokens}")
-        self._acquire()
-        try:
-            return self.engine.warm(token_lists, namespace=namespace, ttl_s=ttl_s, pin=pin)
-        finally:
-            self._model_lock.release()
+        units = [lambda part=token_lists[i:i + WARM_UNIT_CHUNKS]: self.engine.warm(  # type: ignore[misc]
+                     part, namespace=namespace, ttl_s=ttl_s, pin=pin)
+                 for i in range(0, len(token_lists), WARM_UNIT_CHUNKS)]
+        return merge_warm_reports(self.scheduler.warm(units))
 
     # -- answering -----------------------------------------------------------------------------------------------
     def resolve_document(self, document: Document, readable: frozenset[str]) -> str | list[int]:
@@ -197,29 +188,37 @@ class RagRuntime:
                                  or self.chunk_bytes(sum(len(c) for c in chunks)) <= request.store_budget_bytes)
         return CheckedRequest(prepare, strategy, generation, bool(request.strategy_params))
 
+    def cached_fraction(self, prepare: Any) -> float:
+        """Share of the prompt's chunk tokens already in the store (the scheduler serves cached prompts first)."""
+        chunks = prepare.chunks
+        total = sum(len(c) for c in chunks)
+        if not total:
+            return 1.0
+        keys = [self.engine.cacher.key(c, prepare.namespace) for c in chunks]
+        present = self.store.contains_many(keys)
+        return sum(len(c) for c, here in zip(chunks, present) if here) / total
+
     def run(self, checked: CheckedRequest, on_token: TokenCallback | None = None) -> Answer:
-        """Prepare the prompt with the strategy and decode. ``on_token`` receives text pieces as they come and
-        may raise ``Cancelled`` to stop."""
+        """Prepare the prompt with the strategy and decode, in the scheduler's batch. ``on_token`` receives text
+        pieces as they come (in this thread) and may raise ``Cancelled`` to stop."""
         callback = None
         if on_token is not None:
             def callback(event: Any) -> None:
                 if event.text:
                     on_token(event.text)
 
-        self._acquire()
-        try:
+        def prepare() -> Any:
             try:
-                prepared = self.engine.prepare(checked.prepare, strategy=checked.strategy)
+                return self.engine.prepare(checked.prepare, strategy=checked.strategy)
             except (IndexError, ValueError, TypeError) as exc:
                 if not checked.custom_strategy:
                     raise
                 # a parameter the config accepted but this model cannot honour (e.g. a check layer it lacks)
                 raise ConfigError(f"strategy parameters rejected for this model: {exc}") from exc
-            prompt_tokens = len(prepared.input_ids)
-            result = self.engine.generate(prepared, checked.generation, on_token=callback)
-        finally:
-            self._model_lock.release()
-        return answer_from(result, prepared, prompt_tokens)
+
+        result, prepared = self.scheduler.generate(prepare, checked.generation, on_token=callback,
+                                                   cached_fraction=self.cached_fraction(checked.prepare))
+        return answer_from(result, prepared, len(prepared.input_ids))
 
     def answer(self, request: AnswerRequest, on_token: TokenCallback | None = None) -> Answer:
         """``check`` then ``run``: one RAG answer."""
@@ -247,6 +246,7 @@ class RagRuntime:
         return {"model": self.info.to_dict(), "adapter": self.adapter.describe(), "store": repr(self.store)}
 
     def close(self) -> None:
+        self.scheduler.close()
         if self._own_store:
             self.store.close()
 
@@ -257,4 +257,18 @@ class RagRuntime:
         self.close()
 
 
-__all__ = ["RagRuntime"]
+def merge_warm_reports(reports: Sequence[Any]) -> Any:
+    """One ``WarmReport`` from the reports of consecutive parts of a warm."""
+    from ragkv.middleware.chunking import WarmReport
+
+    merged = WarmReport()
+    for report in reports:
+        merged.keys.extend(report.keys)
+        merged.computed += report.computed
+        merged.already_cached += report.already_cached
+        merged.tokens_computed += report.tokens_computed
+        merged.seconds += report.seconds
+    return merged
+
+
+__all__ = ["RagRuntime", "merge_warm_reports"]

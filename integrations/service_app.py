@@ -109,7 +109,11 @@ def create_app(state: ServiceState) -> FastAPI:
         return JSONResponse({"detail": errors}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, invalid_request)
-    app.add_exception_handler(Overloaded, handler(429, {"Retry-After": "1"}))
+    async def overloaded(_request: Request, exc: Exception) -> JSONResponse:
+        retry_after = max(1, round(getattr(exc, "retry_after_s", 1.0)))
+        return JSONResponse({"detail": printable(str(exc))}, status_code=429, headers={"Retry-After": str(retry_after)})
+
+    app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(Forbidden, handler(403))
     app.add_exception_handler(PermissionError, handler(403))
     app.add_exception_handler(NotFound, handler(404))

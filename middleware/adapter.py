@@ -253,8 +253,9 @@ class ModelAdapter:
                mask: torch.Tensor | RowMask | None = None, causal: bool = False) -> torch.Tensor:
         """Rest of ``layer`` for R rows: attention over N keys, o-proj, residual, norm, MLP, residual.
 
-        residual [B, R, E]; q [B, Hq, R, D]; keys, values [B, H, N, D]; mask: bool [R, N] (True = visible) or a
-        ``RowMask``, or None with ``causal`` (R == N, positions aligned) or neither (every key visible).
+        residual [B, R, E]; q [B, Hq, R, D]; keys, values [B, H, N, D]; mask: bool [R, N] (True = visible),
+        bool [B, 1, R, N] (a mask per sequence) or a ``RowMask``, or None with ``causal`` (R == N, positions
+        aligned) or neither (every key visible).
         Returns [B, R, E].
         """
         block = self.layers[layer]
@@ -275,7 +276,8 @@ class ModelAdapter:
             out = torch.cat(parts, dim=2)
         elif mask is not None:
             dense = mask.dense if isinstance(mask, RowMask) else mask
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=dense[None, None], scale=attn.scaling,
+            dense = dense if dense.dim() == 4 else dense[None, None]  # [B, 1, R, N]: one mask per sequence
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=dense, scale=attn.scaling,
                                                  enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=attn.scaling,

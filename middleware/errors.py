@@ -6,7 +6,7 @@ model being offered to another.
 """
 from __future__ import annotations
 
-from ragkv.kvstore.errors import ConfigError
+from ragkv.kvstore.errors import ConfigError, RagKVError
 
 
 class UnsupportedModel(ConfigError):
@@ -20,4 +20,12 @@ class ContextTooLong(ConfigError):
     """The assembled prompt (plus generation) exceeds what the adapter can compute exactly for this model."""
 
 
-__all__ = ["ContextTooLong", "UnsupportedModel"]
+class Overloaded(RagKVError):
+    """Too many model requests are already waiting; retry later (HTTP 429 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+__all__ = ["ContextTooLong", "Overloaded", "UnsupportedModel"]

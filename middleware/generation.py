@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -137,55 +136,101 @@ def releasable(text: str, emitted: int, stops: tuple[str, ...] = ()) -> int:
     return safe
 
 
-def _events(adapter: ModelAdapter, prepared: PreparedContext, config: GenerationConfig, t0: float,
-            outcome: dict[str, Any]) -> Iterator[TokenEvent]:
-    sampler = _Sampler(config)
-    stop_ids = set(config.stop_token_ids if config.stop_token_ids is not None else adapter.eos_token_ids)
-    sequence = list(prepared.input_ids)
-    generated: list[int] = []
-    emitted = 0  # characters of text released
-    logits = prepared.logits
-    position = prepared.next_position
-    outcome.update(reason="length", text="", ids=generated)
-    for step in range(config.max_new_tokens):
-        token = sampler(logits, sequence)
-        if step == 0:
-            outcome["ttft"] = time.perf_counter() - t0
-        if token in stop_ids:
-            outcome["reason"] = "stop_token"
-            break
-        generated.append(token)
-        sequence.append(token)
-        text = adapter.decode(generated) if adapter.tokenizer is not None else ""
-        stop_at = min((i for i in (text.find(s) for s in config.stop_strings) if i >= 0), default=-1)
+class SequenceDecoder:
+    """One request's decoding state, independent of how its model steps are run (alone or in a batch).
+
+    ``step(logits)`` samples the next token from the logits of the last step and returns the events it
+    releases; then either ``done`` is set (``reason`` says why) or the caller runs the model on ``token`` at
+    ``position`` and calls ``advanced()``. ``text``, ``generated`` and ``ttft`` make the result.
+    """
+
+    def __init__(self, adapter: ModelAdapter, prepared: PreparedContext, config: GenerationConfig,
+                 t0: float) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.t0 = t0
+        self.sampler = _Sampler(config)
+        self.stop_ids = set(config.stop_token_ids if config.stop_token_ids is not None else adapter.eos_token_ids)
+        self.sequence = list(prepared.input_ids)
+        self.generated: list[int] = []
+        self.position = prepared.next_position  # where ``token`` goes when the model runs on it
+        self.token = -1
+        self.text = ""
+        self.emitted = 0  # characters of text released
+        self.reason = "length"
+        self.done = False
+        self.ttft: float | None = None
+
+    def _event(self, token: int, piece: str) -> TokenEvent:
+        return TokenEvent(len(self.generated) - (token >= 0), token, piece, time.perf_counter() - self.t0)
+
+    def _finish(self, reason: str, events: list[TokenEvent]) -> list[TokenEvent]:
+        """Stop with ``reason``; release any held-back text."""
+        self.reason, self.done = reason, True
+        if len(self.text) > self.emitted and self.generated:
+            events.append(self._event(-1, self.text[self.emitted:]))
+        return events
+
+    def step(self, logits: torch.Tensor) -> list[TokenEvent]:
+        """logits [V] float32 of the last position -> the events this token releases."""
+        token = self.sampler(logits, self.sequence)
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.t0
+        if token in self.stop_ids:
+            return self._finish("stop_token", [])
+        self.generated.append(token)
+        self.sequence.append(token)
+        self.token = token
+        text = self.adapter.decode(self.generated) if self.adapter.tokenizer is not None else ""
+        stops = self.config.stop_strings
+        stop_at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         if stop_at >= 0:
-            stop = next(s for s in config.stop_strings if text.find(s) == stop_at)
-            final = text[:stop_at + (len(stop) if config.include_stop_string else 0)]
-            outcome.update(reason="stop_string", text=final)
-            yield TokenEvent(step, token, final[emitted:], time.perf_counter() - t0)
-            return
-        safe = releasable(text, emitted, config.stop_strings)
-        piece = text[emitted:safe] if safe > emitted else ""
-        emitted = max(emitted, safe)
-        outcome["text"] = text
-        yield TokenEvent(step, token, piece, time.perf_counter() - t0)
-        if step + 1 == config.max_new_tokens:
-            break
+            stop = next(s for s in stops if text.find(s) == stop_at)
+            final = text[:stop_at + (len(stop) if self.config.include_stop_string else 0)]
+            event = self._event(token, final[self.emitted:])
+            self.text, self.emitted, self.reason, self.done = final, len(final), "stop_string", True
+            return [event]
+        safe = releasable(text, self.emitted, stops)
+        piece = text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        self.text = text
+        events = [self._event(token, piece)]
+        if len(self.generated) == self.config.max_new_tokens:
+            return self._finish("length", events)
         try:
-            adapter.check_length(position + 1)
+            self.adapter.check_length(self.position + 1)
         except ContextTooLong:
-            outcome["reason"] = "context_limit"
-            break
+            return self._finish("context_limit", events)
+        return events
+
+    def advanced(self) -> None:
+        """The model ran on ``token`` at ``position``: the next token goes one position later."""
+        self.position += 1
+
+
+def _events(adapter: ModelAdapter, prepared: PreparedContext, config: GenerationConfig, t0: float,
+            decoder_out: list[SequenceDecoder]) -> Iterator[TokenEvent]:
+    decoder = SequenceDecoder(adapter, prepared, config, t0)
+    decoder_out.append(decoder)
+    logits = prepared.logits
+    while True:
+        yield from decoder.step(logits)
+        if decoder.done:
+            return
         with torch.no_grad():
-            out = adapter.model(input_ids=torch.tensor([[token]], device=adapter.device),
+            out = adapter.model(input_ids=torch.tensor([[decoder.token]], device=adapter.device),
                                 cache=prepared.cache,
-                                position_ids=torch.tensor([[position]], device=adapter.device), use_cache=True)
+                                position_ids=torch.tensor([[decoder.position]], device=adapter.device), use_cache=True)
         logits = out.logits[0, -1].float()
-        position += 1
-    # finished by a stop token, the length limit or the context limit: release any held-back text
-    text = outcome["text"]
-    if len(text) > emitted and generated:
-        yield TokenEvent(len(generated), -1, text[emitted:], time.perf_counter() - t0)
+        decoder.advanced()
+
+
+def result_of(decoder: SequenceDecoder, prepared: PreparedContext, prepare_s: float, total_s: float
+              ) -> GenerationResult:
+    """The ``GenerationResult`` of a finished decoder."""
+    return GenerationResult(text=decoder.text, token_ids=list(decoder.generated), finish_reason=decoder.reason,
+                            ttft_s=decoder.ttft if decoder.ttft is not None else total_s, total_s=total_s,
+                            prepare_s=prepare_s, strategy=prepared.strategy, chunks=list(prepared.chunks))
 
 
 def generate(adapter: ModelAdapter, prepared: PreparedContext, config: GenerationConfig = GenerationConfig(),
@@ -193,24 +238,21 @@ def generate(adapter: ModelAdapter, prepared: PreparedContext, config: Generatio
     """Decode from ``prepared``; ``on_token`` receives every token (and any text it releases) as it comes."""
     prepare_s = float(prepared.timings.get("total", 0.0))
     t0 = time.perf_counter() - prepare_s  # clock starts when prepare started
-    outcome: dict[str, Any] = {}
-    for event in _events(adapter, prepared, config, t0, outcome):
+    decoders: list[SequenceDecoder] = []
+    for event in _events(adapter, prepared, config, t0, decoders):
         if on_token is not None:
             on_token(event)
-    total = time.perf_counter() - t0
-    return GenerationResult(text=outcome["text"], token_ids=list(outcome["ids"]), finish_reason=outcome["reason"],
-                            ttft_s=outcome.get("ttft", total), total_s=total, prepare_s=prepare_s,
-                            strategy=prepared.strategy, chunks=list(prepared.chunks))
+    return result_of(decoders[0], prepared, prepare_s, time.perf_counter() - t0)
 
 
 def stream(adapter: ModelAdapter, prepared: PreparedContext, config: GenerationConfig = GenerationConfig()
            ) -> Iterator[str]:
     """Yield the generated text piece by piece (never a piece of a stop string)."""
     prepare_s = float(prepared.timings.get("total", 0.0))
-    outcome: dict[str, Any] = {}
-    for event in _events(adapter, prepared, config, time.perf_counter() - prepare_s, outcome):
+    for event in _events(adapter, prepared, config, time.perf_counter() - prepare_s, []):
         if event.text:
             yield event.text
 
 
-__all__ = ["GenerationConfig", "GenerationResult", "TokenEvent", "generate", "releasable", "stream"]
+__all__ = ["GenerationConfig", "GenerationResult", "SequenceDecoder", "TokenEvent", "generate", "releasable", "result_of",
+           "stream"]

@@ -144,26 +144,43 @@ def test_waiting_list_is_bounded(tiny_loaded: Any) -> None:
 
     runtime = RagRuntime(tiny_loaded, TieredStore("host:64MB"), own_store=True, max_waiting=1, wait_timeout_s=5)
     with runtime:
-        runtime._model_lock.acquire()  # the model is busy
-        errors: list[BaseException] = []
-        started = threading.Event()
+        busy, release = threading.Event(), threading.Event()
 
-        def waiter() -> None:
-            started.set()
-            try:
-                runtime.warm(["k1 v2 ;"], "default")
-            except Overloaded as exc:  # pragma: no cover - only when the second caller wins the race
-                errors.append(exc)
+        def hold_the_model() -> None:
+            busy.set()
+            release.wait(10)
 
-        t = threading.Thread(target=waiter)
-        t.start()
-        started.wait()
-        for _ in range(200):
+        holder = threading.Thread(target=runtime.scheduler.warm, args=([hold_the_model],))
+        holder.start()
+        assert busy.wait(10)
+        request = _request(_ns(), "Q k1 ?", [Document(text="k1 v2 ;")], generation=GenerationOptions(max_new_tokens=2))
+        answers: list[Any] = []
+        waiter = threading.Thread(target=lambda: answers.append(runtime.answer(request)))
+        waiter.start()
+        for _ in range(500):
             if runtime.waiting == 1:
                 break
             threading.Event().wait(0.01)
-        with pytest.raises(Overloaded):
-            runtime.warm(["k3 v4 ;"], "default")
-        runtime._model_lock.release()
-        t.join(10)
-        assert not errors
+        with pytest.raises(Overloaded) as refused:
+            runtime.answer(request)
+        assert refused.value.retry_after_s > 0
+        release.set()
+        waiter.join(10)
+        holder.join(10)
+        assert len(answers) == 1 and answers[0].completion_tokens >= 1
+
+
+def test_a_request_not_started_in_time_is_refused(tiny_loaded: Any) -> None:
+    from ragkv.integrations.runtime import RagRuntime
+    from ragkv.kvstore import TieredStore
+
+    with RagRuntime(tiny_loaded, TieredStore("host:64MB"), own_store=True, wait_timeout_s=0.3) as runtime:
+        busy, release = threading.Event(), threading.Event()
+        holder = threading.Thread(target=runtime.scheduler.warm, args=([lambda: (busy.set(), release.wait(10))],))
+        holder.start()
+        assert busy.wait(10)
+        with pytest.raises(Overloaded, match="busy"):
+            runtime.answer(_request(_ns(), "Q k1 ?", [Document(text="k1 v2 ;")]))
+        assert runtime.waiting == 0  # the refused request left the queue
+        release.set()
+        holder.join(10)
