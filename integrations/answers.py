@@ -141,6 +141,7 @@ TokenCallback = Callable[[str], None]
 
 def answer_from(result: Any, prepared: Any, prompt_tokens: int) -> Answer:
     timings = {k: float(v) * 1e3 for k, v in prepared.timings.items()}
+    timings["queue"] = result.queue_s * 1e3
     timings["prepare"] = result.prepare_s * 1e3
     timings["first_token"] = max(result.ttft_s - result.prepare_s, 0.0) * 1e3
     timings["ttft"] = result.ttft_s * 1e3

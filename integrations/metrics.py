@@ -1,8 +1,10 @@
-"""Service metrics: request counters and latency histograms, TTFTs by cache state, Prometheus text.
+"""Service metrics: request counters and latency histograms, TTFTs by cache state, answers by tenant and
+endpoint (counts, TTFT including the wait for the model, decode tokens/s), the scheduler's queue depths and
+decode batch sizes, Prometheus text.
 
 Why hand-rolled: a dozen counters do not justify a dependency, and every label set here is bounded by
-construction (route templates, never raw paths; methods and status codes; tier names; three cache states),
-so the metrics cannot grow with traffic. Recent TTFTs live in a fixed-size ring for the status page.
+construction (route templates, never raw paths; methods and status codes; tier names; three cache states;
+tenants from the keys file; two answering endpoints), so the metrics cannot grow with traffic. Recent TTFTs live in a fixed-size ring for the status page.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKENS_PER_S_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 RECENT_TTFTS = 120
 _METHODS = {"GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"}
 TENANT_COUNTERS = ("answers", "documents", "document_hits", "chunks_computed", "chunk_bytes_received",
@@ -22,7 +26,7 @@ TENANT_COUNTERS = ("answers", "documents", "document_hits", "chunks_computed", "
 
 
 class Histogram:
-    """Cumulative-bucket histogram in seconds (Prometheus semantics)."""
+    """Cumulative-bucket histogram (Prometheus semantics); seconds unless other buckets are given."""
 
     def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS_S) -> None:
         self.buckets = tuple(buckets)
@@ -30,15 +34,19 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, value: float) -> None:
+        self.observe_many(value, 1)
+
+    def observe_many(self, value: float, n: int) -> None:
+        """``n`` observations of ``value``."""
         for i, bound in enumerate(self.buckets):
-            if seconds <= bound:
-                self.counts[i] += 1
+            if value <= bound:
+                self.counts[i] += n
                 break
         else:
-            self.counts[-1] += 1
-        self.sum += seconds
-        self.count += 1
+            self.counts[-1] += n
+        self.sum += value * n
+        self.count += n
 
     def cumulative(self) -> list[tuple[str, int]]:
         out, running = [], 0
@@ -82,6 +90,10 @@ class Metrics:
         self.recent: deque[TtftSample] = deque(maxlen=RECENT_TTFTS)
         # per tenant (bounded by the keys file): answers, document hits, chunks warmed, chunk bytes
         self.tenants: dict[str, dict[str, int]] = {}
+        # per (tenant, endpoint): answers, TTFT from joining the model queue, decode tokens/s
+        self.answers_by: dict[tuple[str, str], int] = {}
+        self.answer_ttft: dict[tuple[str, str], Histogram] = {}
+        self.answer_rate: dict[tuple[str, str], Histogram] = {}
 
     def _tenant(self, name: str | None) -> dict[str, int] | None:
         if name is None:
@@ -96,10 +108,16 @@ class Metrics:
             self.durations.setdefault(route, Histogram()).observe(seconds)
 
     def observe_answer(self, ttft_s: float, strategy: str, hits: Sequence[bool], tiers: Sequence[str | None],
-                       tenant: str | None = None) -> None:
+                       tenant: str | None = None, *, endpoint: str = "", queue_s: float = 0.0,
+                       tokens_per_s: float | None = None) -> None:
         state = cache_state(hits)
+        by = (tenant or "", endpoint)
         with self._lock:
             self.answers += 1
+            self.answers_by[by] = self.answers_by.get(by, 0) + 1
+            self.answer_ttft.setdefault(by, Histogram()).observe(queue_s + ttft_s)
+            if tokens_per_s is not None:
+                self.answer_rate.setdefault(by, Histogram(TOKENS_PER_S_BUCKETS)).observe(tokens_per_s)
             per = self._tenant(tenant)
             if per is not None:
                 per["answers"] += 1
@@ -161,20 +179,23 @@ class Metrics:
                 "warmed": dict(self.warmed),
             }
 
-    def render_prometheus(self, store_stats: Mapping[str, Any], extra_gauges: Mapping[str, float] = {}) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
+    def render_prometheus(self, store_stats: Mapping[str, Any], extra_gauges: Mapping[str, float] = {},
+                          scheduler: Any = None) -> str:
+        """The Prometheus text exposition format (version 0.0.4); ``scheduler`` adds its queue and batch figures."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
 
-        def histogram(name: str, label: str, hists: Mapping[str, Histogram]) -> None:
+        def histogram(name: str, label: str | tuple[str, ...], hists: Mapping[Any, Histogram]) -> None:
+            names = (label,) if isinstance(label, str) else label
             for value, h in sorted(hists.items()):
+                labels = dict(zip(names, (value,) if isinstance(label, str) else value))
                 for le, n in h.cumulative():
-                    lines.append(f"{name}_bucket{_labels({label: value, 'le': le})} {n}")
-                lines.append(f"{name}_sum{_labels({label: value})} {_fmt_float(h.sum)}")
-                lines.append(f"{name}_count{_labels({label: value})} {h.count}")
+                    lines.append(f"{name}_bucket{_labels({**labels, 'le': le})} {n}")
+                lines.append(f"{name}_sum{_labels(labels)} {_fmt_float(h.sum)}")
+                lines.append(f"{name}_count{_labels(labels)} {h.count}")
 
         with self._lock:
             family("ragkv_http_requests_total", "counter", "HTTP requests by method, route template and status.")
@@ -185,6 +206,15 @@ class Metrics:
             family("ragkv_ttft_seconds", "histogram",
                    "Time to first token of answers, by cache state of their documents (warm, cold, mixed, none).")
             histogram("ragkv_ttft_seconds", "cache", self.ttft)
+            family("ragkv_answers_total", "counter", "Answers by tenant and endpoint.")
+            for (tenant, endpoint), n in sorted(self.answers_by.items()):
+                lines.append(f"ragkv_answers_total{_labels({'tenant': tenant, 'endpoint': endpoint})} {n}")
+            family("ragkv_answer_ttft_seconds", "histogram",
+                   "Time to first token from joining the model queue, by tenant and endpoint.")
+            histogram("ragkv_answer_ttft_seconds", ("tenant", "endpoint"), self.answer_ttft)
+            family("ragkv_answer_tokens_per_second", "histogram",
+                   "Decode rate of answers (tokens after the first / their time), by tenant and endpoint.")
+            histogram("ragkv_answer_tokens_per_second", ("tenant", "endpoint"), self.answer_rate)
             family("ragkv_documents_total", "counter", "Documents of answered requests, by outcome and tier.")
             for (outcome, tier), n in sorted(self.documents.items()):
                 lines.append(f"ragkv_documents_total{_labels({'outcome': outcome, 'tier': tier})} {n}")
@@ -212,6 +242,17 @@ class Metrics:
             for op in ("hits", "misses", "puts", "deletes", "evictions", "errors", "corrupt"):
                 if op in t:
                     lines.append(f"ragkv_tier_operations_total{_labels({'tier': name, 'op': op})} {int(t[op])}")
+        if scheduler is not None:
+            family("ragkv_scheduler_queue_depth", "gauge", "Jobs waiting for the model, by queue.")
+            lines.append(f'ragkv_scheduler_queue_depth{{queue="generate"}} {scheduler.waiting}')
+            lines.append(f'ragkv_scheduler_queue_depth{{queue="warm"}} {scheduler.warm_waiting}')
+            family("ragkv_scheduler_batch_size", "gauge", "Sequences in the running decode batch.")
+            lines.append(f"ragkv_scheduler_batch_size {scheduler.batch_size}")
+            steps = Histogram(BATCH_SIZE_BUCKETS)
+            for size, n in sorted(scheduler.batch_sizes.items()):
+                steps.observe_many(size, n)
+            family("ragkv_decode_batch_size", "histogram", "Sequences per batched decode step.")
+            histogram("ragkv_decode_batch_size", (), {(): steps})
         for name, value in extra_gauges.items():
             family(name, "gauge", name.replace("_", " "))
             lines.append(f"{name} {_fmt_float(float(value))}")
@@ -227,7 +268,9 @@ def _escape(value: str) -> str:
 
 
 def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
     return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
 
 
-__all__ = ["LATENCY_BUCKETS_S", "Histogram", "Metrics", "TtftSample", "cache_state"]
+__all__ = ["BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS_S", "TOKENS_PER_S_BUCKETS", "Histogram", "Metrics", "TtftSample", "cache_state"]

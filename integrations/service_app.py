@@ -179,9 +179,12 @@ def create_app(state: ServiceState) -> FastAPI:
                              lookup_namespaces=tenant.lookup_order(), store_budget_bytes=quotas.room(tenant, namespace),
                              strategy=body.strategy, strategy_params=body.strategy_params, generation=generation)
 
-    def record(answer: Answer, tenant: Tenant) -> None:
+    def record(answer: Answer, tenant: Tenant, endpoint: str) -> None:
+        decode_s = answer.total_s - answer.ttft_s
+        rate = (answer.completion_tokens - 1) / decode_s if answer.completion_tokens > 1 and decode_s > 0 else None
         metrics.observe_answer(answer.ttft_s, answer.strategy, [d.hit for d in answer.documents],
-                               [d.tier for d in answer.documents], tenant.name)
+                               [d.tier for d in answer.documents], tenant.name, endpoint=endpoint,
+                               queue_s=answer.timings_ms.get("queue", 0.0) / 1e3, tokens_per_s=rate)
 
     def outcome(answer: Answer) -> dict[str, Any]:
         d = answer.to_dict()
@@ -194,7 +197,7 @@ def create_app(state: ServiceState) -> FastAPI:
             raise Overloaded(f"{runtime.waiting} model requests are already waiting; retry later")
         return await anyio.to_thread.run_sync(runtime.check, request)
 
-    async def stream_answer(check: Any, tenant: Tenant, on_done: Callable[[Answer], list[bytes]],
+    async def stream_answer(check: Any, tenant: Tenant, endpoint: str, on_done: Callable[[Answer], list[bytes]],
                             on_piece: Callable[[str], bytes], on_error: Callable[[str], list[bytes]]
                             ) -> AsyncIterator[bytes]:
         """Run the answer in a worker thread and relay its text pieces; stop it if the client goes away."""
@@ -219,14 +222,24 @@ def create_app(state: ServiceState) -> FastAPI:
                 result = ("error", f"internal error: {type(exc).__name__}")
             loop.call_soon_threadsafe(queue.put_nowait, result)
 
-        worker = loop.run_in_executor(None, work)
+        # a thread of its own: the loop's default executor has min(32, cores + 4) threads, which would cap how
+        # many streams the scheduler can batch (each waits on its tokens, not on a core)
+        worker = loop.create_future()
+
+        def thread_main() -> None:
+            try:
+                work()
+            finally:
+                loop.call_soon_threadsafe(lambda: worker.done() or worker.set_result(None))
+
+        threading.Thread(target=thread_main, name="ragkv-stream", daemon=True).start()
         try:
             while True:
                 kind, payload = await queue.get()
                 if kind == "piece":
                     yield on_piece(payload)
                 elif kind == "done":
-                    record(payload, tenant)
+                    record(payload, tenant, endpoint)
                     for event in on_done(payload):
                         yield event
                     break
@@ -251,11 +264,11 @@ def create_app(state: ServiceState) -> FastAPI:
         check = await checked(request)
         if body.stream:
             return StreamingResponse(stream_answer(
-                check, tenant, on_done=lambda a: [sse(outcome(a), "done")], on_piece=lambda t: sse({"text": t}, "token"),
+                check, tenant, "generate", on_done=lambda a: [sse(outcome(a), "done")], on_piece=lambda t: sse({"text": t}, "token"),
                 on_error=lambda m: [sse({"detail": m}, "error")]), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"})
         answer = await anyio.to_thread.run_sync(runtime.run, check)
-        record(answer, tenant)
+        record(answer, tenant, "generate")
         return outcome(answer)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["rag"],
@@ -294,7 +307,7 @@ def create_app(state: ServiceState) -> FastAPI:
             async def events() -> AsyncIterator[bytes]:
                 yield sse(chunk({"role": "assistant", "content": ""}))
                 async for event in stream_answer(
-                        check, tenant, on_piece=lambda t: sse(chunk({"content": t})),
+                        check, tenant, "chat", on_piece=lambda t: sse(chunk({"content": t})),
                         on_done=lambda a: [sse(chunk({}, finish(a), ragkv=extras(a))),
                                            *([sse({**chunk({}), "choices": [], "usage": usage(a)})]
                                              if include_usage else []), sse("[DONE]")],
@@ -304,7 +317,7 @@ def create_app(state: ServiceState) -> FastAPI:
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         a = await anyio.to_thread.run_sync(runtime.run, check)
-        record(a, tenant)
+        record(a, tenant, "chat")
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text},
                              "finish_reason": finish(a)}],
@@ -338,7 +351,8 @@ def create_app(state: ServiceState) -> FastAPI:
              summary="Prometheus metrics (text exposition format)")
     async def prometheus() -> PlainTextResponse:
         store_stats = await anyio.to_thread.run_sync(runtime.store.stats)
-        text = metrics.render_prometheus(store_stats, {"ragkv_model_requests_waiting": runtime.waiting})
+        text = metrics.render_prometheus(store_stats, {"ragkv_model_requests_waiting": runtime.waiting},
+                                         scheduler=runtime.scheduler)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", response_class=HTMLResponse, tags=["observability"], summary="Status page (HTML)")

@@ -76,6 +76,7 @@ class GenerationResult:
     prepare_s: float
     strategy: str
     chunks: list[ChunkInfo] = field(default_factory=list)
+    queue_s: float = 0.0  # waited for the model before prepare started (the scheduler's queue)
 
     @property
     def decode_tokens_per_s(self) -> float | None:

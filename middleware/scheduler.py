@@ -69,6 +69,7 @@ class _GenerateJob:
     submitted: float
     events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     started: threading.Event = field(default_factory=threading.Event)
+    started_at: float = 0.0
     cancelled: threading.Event = field(default_factory=threading.Event)
     decoder: SequenceDecoder | None = None
     prepared: PreparedContext | None = None
@@ -230,6 +231,7 @@ class Scheduler:
                 return None
             job = pick_next(self._pending, time.monotonic(), self.config.aging_s)
             self._pending.remove(job)
+            job.started_at = time.monotonic()
             job.started.set()
             return job
 
@@ -279,9 +281,10 @@ class Scheduler:
     def _finish(self, job: _GenerateJob) -> None:
         decoder, prepared = job.decoder, job.prepared
         assert decoder is not None and prepared is not None
-        total = time.perf_counter() - decoder.t0
-        job.events.put(_Finished(result_of(decoder, prepared, float(prepared.timings.get("total", 0.0)), total),
-                                 prepared))
+        result = result_of(decoder, prepared, float(prepared.timings.get("total", 0.0)),
+                           time.perf_counter() - decoder.t0)
+        result.queue_s = job.started_at - job.submitted
+        job.events.put(_Finished(result, prepared))
 
     def _warm_unit(self) -> None:
         with self._cond:

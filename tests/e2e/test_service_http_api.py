@@ -208,3 +208,40 @@ def test_unmatched_traffic_does_not_grow_state(service: Any, alice: httpx.Client
         alice.get(f"/nope/{uuid.uuid4().hex}/{i}")
         alice.get(f"/v1/chunks/alice:{uuid.uuid4().hex}")
     assert (len(metrics.requests), len(metrics.durations)) == before
+
+
+def test_concurrent_streaming_chats_share_decode_steps_and_are_metered(service: Any, alice: httpx.Client) -> None:
+    docs = _texts(2)
+    body = {"messages": [{"role": "user", "content": "Q k4 ?"}], "documents": docs, "max_tokens": 24,
+            "stream": True, "stop": []}
+    steps_before = sum(service.state.runtime.scheduler.batch_sizes.values())
+    with ThreadPoolExecutor(6) as pool:
+        streams = list(pool.map(lambda _: alice.post("/v1/chat/completions", json=body), range(6)))
+    assert all(r.status_code == 200 for r in streams)
+    texts = {"".join(c["choices"][0]["delta"].get("content", "") for _, c in _sse(r.text)[:-1]) for r in streams}
+    assert len(texts) == 1  # greedy: the same answer for every client, batched or not
+    sizes = service.state.runtime.scheduler.batch_sizes
+    assert sum(sizes.values()) > steps_before and max(sizes) >= 2
+    with service.client(None) as anonymous:
+        text = anonymous.get("/metrics").text
+    assert 'ragkv_answers_total{tenant="alice",endpoint="chat"}' in text
+    assert 'ragkv_answer_ttft_seconds_bucket{tenant="alice",endpoint="chat",le="+Inf"}' in text
+    assert 'ragkv_answer_tokens_per_second_count{tenant="alice",endpoint="chat"}' in text
+    assert 'ragkv_scheduler_queue_depth{queue="generate"} 0' in text and "ragkv_scheduler_batch_size 0" in text
+    count = next(line for line in text.splitlines() if line.startswith("ragkv_decode_batch_size_count"))
+    alone_steps = next(line for line in text.splitlines()
+                       if line.startswith('ragkv_decode_batch_size_bucket{le="1.0"}'))
+    assert int(count.split()[-1]) > int(alone_steps.split()[-1])  # some steps decoded more than one sequence
+
+
+def test_a_large_warm_never_turns_concurrent_generates_into_errors(alice: httpx.Client) -> None:
+    fresh = uuid.uuid4().hex[:6]
+    corpus = [f"k{i % 64} v{(i * 7) % 64} ; the k{(i * 3) % 64} v{i % 64} ; doc {fresh} {i}" for i in range(96)]
+    with ThreadPoolExecutor(8) as pool:
+        warms = [pool.submit(alice.post, "/v1/warm", json={"texts": corpus[i:i + 32]}) for i in range(0, 96, 32)]
+        gens = [pool.submit(alice.post, "/v1/generate", json={"query": f"Q k{i} ?", "documents": _texts(2),
+                                                             "max_new_tokens": 4}) for i in range(4)]
+        assert [g.result().status_code for g in gens] == [200] * 4
+        assert [w.result().status_code for w in warms] == [200] * 3
+    reports = [w.result().json() for w in warms]
+    assert sum(r["computed"] + r["already_cached"] for r in reports) == 96 and sum(r["computed"] for r in reports)
