@@ -83,7 +83,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="a registered model (smollm2-135m-instruct, the default; toy) or a local HuggingFace "
                         "model directory (Llama, Qwen2/3, Mistral; safetensors)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (default: as stored)")
+                   help="weights dtype (default: as stored; SmolLM2: float32)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when there is one, default), cpu, cuda or cuda:N; on a "
+                        "GPU the default store also gets a device tier")
 
 
 def build_parser() -> argparse.ArgumentParser:

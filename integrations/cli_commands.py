@@ -25,7 +25,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServiceLimits(max_chunk_bytes=args.max_chunk_bytes, max_json_bytes=args.max_json_bytes,
                            max_documents=args.max_documents, max_new_tokens=args.max_new_tokens,
                            max_waiting=args.max_waiting)
-    config = ServiceConfig(store=args.store, model=args.model, dtype=args.dtype, host=args.host, port=args.port,
+    config = ServiceConfig(store=args.store, model=args.model, dtype=args.dtype, device=args.device, host=args.host,
+                           port=args.port,
                            api_keys_file=args.api_keys, limits=limits, sample=not args.no_sample,
                            allow_open_remote=args.allow_open_remote, log_level=args.log_level)
     return serve(config)
@@ -47,7 +48,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         from ragkv.integrations.faiss_retriever import FaissIndex
 
         index = FaissIndex.open(args.index, args.embedder)
-    with RagRuntime.open(args.store, args.model, dtype=args.dtype) as runtime:
+    with RagRuntime.open(args.store, args.model, dtype=args.dtype, device=args.device) as runtime:
         print(f"model: {runtime.info.name} ({runtime.info.kind}); store: {runtime.store!r}", file=sys.stderr)
         usable = []
         for text in chunks:
@@ -151,7 +152,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         from ragkv.integrations.answers import AnswerRequest, Document, GenerationOptions, readable_namespaces
         from ragkv.integrations.runtime import RagRuntime
 
-        with RagRuntime.open(args.store, args.model, dtype=args.dtype) as runtime:
+        with RagRuntime.open(args.store, args.model, dtype=args.dtype, device=args.device) as runtime:
             def run(strategy: str | None) -> dict[str, Any]:
                 request = AnswerRequest(query=question, documents=[Document(text=d) for d in documents],
                                         system=args.system, namespace=args.namespace,
@@ -198,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     questions = corpus.questions[:args.questions]
     namespace = f"bench-{uuid.uuid4().hex[:8]}"  # a fresh namespace: the first pass is truly cold
     results: dict[str, Any] = {}
-    with RagRuntime.open(args.store, args.model, dtype=args.dtype) as runtime:
+    with RagRuntime.open(args.store, args.model, dtype=args.dtype, device=args.device) as runtime:
         def ttft(strategy: str | None, q: Any) -> float:
             request = AnswerRequest(query=q.question, documents=[Document(text=c) for c in q.chunks],
                                     namespace=namespace, readable_namespaces=readable_namespaces(namespace),
@@ -257,7 +258,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     out: dict[str, Any] = {}
     folder = args.out or models_dir()
-    with RagRuntime.open(args.store, args.model, dtype=args.dtype, use_calibration=False) as runtime:
+    with RagRuntime.open(args.store, args.model, dtype=args.dtype, device=args.device,
+                         use_calibration=False) as runtime:
         corpus = read_corpus(args.corpus) if args.corpus else None
         if args.what in ("all", "codec"):
             texts = codec_texts(args.model, corpus, args.codec_chunks)

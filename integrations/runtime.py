@@ -35,6 +35,7 @@ from ragkv.middleware.codec_calibration import load_codec_calibration, use_codec
 from ragkv.middleware.model_registry import models_dir
 from ragkv.middleware.scheduler import Scheduler, SchedulerConfig
 
+DEFAULT_DEVICE_TIER = "1GB"  # the device tier the embedded default store gets when the model is on a GPU
 WARM_UNIT_CHUNKS = 2  # chunks prefilled per warm unit: small, so generation waits at most one unit
 
 
@@ -78,12 +79,14 @@ class RagRuntime:
 
     @classmethod
     def open(cls, store: str | TieredStore | None = None, model: str | None = None, *, dtype: str | None = None,
-             **kwargs: Any) -> RagRuntime:
-        """Open a store (spec, config file, or None for the embedded default) and load a model (None: default)."""
-        loaded = load_model(model, dtype=dtype)
+             device: str | None = "auto", **kwargs: Any) -> RagRuntime:
+        """Open a store (spec, config file, or None for the embedded default) and load a model (None: default)
+        on ``device`` (auto: the GPU when there is one). With the model on a GPU, the embedded default store
+        gets a device tier in front (``DEFAULT_DEVICE_TIER``)."""
+        loaded = load_model(model, dtype=dtype, device=device)
         if isinstance(store, TieredStore):
             return cls(loaded, store, **kwargs)
-        opened = TieredStore(store)
+        opened = TieredStore(default_store_on(loaded.model.device.type, store))
         try:
             return cls(loaded, opened, own_store=True, **kwargs)
         except BaseException:
@@ -257,6 +260,21 @@ class RagRuntime:
         self.close()
 
 
+def default_store_on(device_type: str, store: str | None) -> Any:
+    """``store`` as given; None with the model on CUDA (and no $RAGKV_STORE): the embedded default with a
+    device tier in front."""
+    import os
+
+    from ragkv.kvstore.config import ENV_SPEC, StoreConfig, default_config, parse_size
+    from ragkv.kvstore.tiers.device import DeviceConfig
+
+    if store is not None or device_type != "cuda" or os.environ.get(ENV_SPEC):
+        return store
+    default = default_config()
+    device = DeviceConfig(device="cuda", capacity_bytes=parse_size(DEFAULT_DEVICE_TIER))
+    return StoreConfig(tiers=(device, *default.tiers))
+
+
 def merge_warm_reports(reports: Sequence[Any]) -> Any:
     """One ``WarmReport`` from the reports of consecutive parts of a warm."""
     from ragkv.middleware.chunking import WarmReport
@@ -271,4 +289,4 @@ def merge_warm_reports(reports: Sequence[Any]) -> Any:
     return merged
 
 
-__all__ = ["RagRuntime", "merge_warm_reports"]
+__all__ = ["DEFAULT_DEVICE_TIER", "RagRuntime", "default_store_on", "merge_warm_reports"]

@@ -43,6 +43,7 @@ class ServiceConfig:
     store: str | None = None  # spec, config file, or None: $RAGKV_STORE / embedded host + disk
     model: str | None = None  # a local HF model directory; None: the bundled model
     dtype: str | None = None
+    device: str | None = "auto"  # auto: the GPU when there is one, else the CPU
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys_file: str | None = None  # None: open access as tenant 'default' (loopback only)
@@ -128,7 +129,7 @@ def build_state(config: ServiceConfig, runtime: RagRuntime | None = None, out: T
     registry = (TenantRegistry.from_file(config.api_keys_file) if config.api_keys_file
                 else TenantRegistry.open_access())
     if runtime is None:
-        runtime = RagRuntime.open(config.store, config.model, dtype=config.dtype,
+        runtime = RagRuntime.open(config.store, config.model, dtype=config.dtype, device=config.device,
                                   max_waiting=config.limits.max_waiting)
     state = ServiceState(runtime=runtime, registry=registry, limits=config.limits)
     if config.sample:

@@ -126,17 +126,41 @@ def _load_toy(dtype: str | None) -> LoadedModel:
 REGISTRY: dict[str, Callable[[str | None], LoadedModel]] = {DEFAULT_MODEL: _load_smollm2, TOY_MODEL: _load_toy}
 
 
-def load_model(name_or_path: str | Path | None = None, *, dtype: str | None = None) -> LoadedModel:
-    """A registered model by name (None: the default, SmolLM2), or a local HuggingFace folder."""
+def resolve_device(device: str | None) -> str:
+    """``None``/``"auto"``: ``"cuda"`` when a GPU is there, else ``"cpu"``; ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"`` as given (a CUDA device this machine lacks is a ``ConfigError``)."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    head, _, index = device.partition(":")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available() or (index and int(index) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {device!r} asked for, but this machine has no such CUDA device; use --device cpu")
+    return device
+
+
+def load_model(name_or_path: str | Path | None = None, *, dtype: str | None = None, device: str | None = "cpu"
+               ) -> LoadedModel:
+    """A registered model by name (None: the default, SmolLM2), or a local HuggingFace folder, with its weights
+    on ``device`` (see ``resolve_device``; the default keeps them on the CPU)."""
+    where = resolve_device(device)
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
     loader = REGISTRY.get(name)
     if loader is not None:
-        return loader(dtype)
-    directory = Path(name).expanduser()
-    if not directory.is_dir():
-        raise ConfigError(f"model {name!r} is neither a registered name {sorted(REGISTRY)} nor a local folder")
-    return load_folder(directory, name=directory.name, kind=KIND_LOCAL, label=f"local model {directory.name}",
-                       dtype=dtype)
+        loaded = loader(dtype)
+    else:
+        directory = Path(name).expanduser()
+        if not directory.is_dir():
+            raise ConfigError(f"model {name!r} is neither a registered name {sorted(REGISTRY)} nor a local folder")
+        loaded = load_folder(directory, name=directory.name, kind=KIND_LOCAL, label=f"local model {directory.name}",
+                             dtype=dtype)
+    if where != "cpu":
+        loaded.model.to(where)
+    return loaded
 
 
 __all__ = [
@@ -154,6 +178,7 @@ __all__ = [
     "load_folder",
     "load_model",
     "models_dir",
+    "resolve_device",
     "torch_dtype",
     "toy_model_dir",
 ]

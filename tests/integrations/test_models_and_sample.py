@@ -72,3 +72,32 @@ def test_models_without_bos_chunk_behind_eos(tiny_loaded: Any) -> None:
         assert adapter.start_token_id == tokenizer.eos_token_id
     finally:
         model.config.bos_token_id = old
+
+
+def test_device_choice_is_checked_and_cpu_always_works() -> None:
+    import torch
+
+    from ragkv.kvstore import ConfigError
+    from ragkv.middleware.model_registry import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "cuda:x", "cuda:99"):
+        with pytest.raises(ConfigError, match="device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no such CUDA device"):
+            resolve_device("cuda")
+
+
+def test_a_runtime_in_bfloat16_on_cpu_answers_through_the_batch() -> None:
+    import torch
+
+    from ragkv.integrations.answers import AnswerRequest, Document, GenerationOptions
+    from ragkv.integrations.runtime import RagRuntime
+
+    with RagRuntime.open("host:64MB", "toy", dtype="bfloat16", device="cpu", use_calibration=False) as runtime:
+        assert runtime.adapter.dtype == torch.bfloat16 and runtime.adapter.device.type == "cpu"
+        answer = runtime.answer(AnswerRequest(query="Q k1 ?", documents=[Document(text="k1 v2 ; the k3 v4 ;")],
+                                              generation=GenerationOptions(max_new_tokens=3)))
+        assert answer.completion_tokens >= 1
