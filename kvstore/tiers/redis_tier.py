@@ -26,6 +26,7 @@ from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, read_heade
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, TierUnavailable
 from ragkv.kvstore.policy import ExponentialBackoff
 from ragkv.kvstore.tiers.base import Tier, expiry_time, register_tier
+from ragkv.kvstore.tiers.redis_async import RedisAsyncAPI
 from ragkv.kvstore.tiers.redis_breaker import CircuitBreaker
 from ragkv.kvstore.tiers.redis_client import (
     RedisConfig,
@@ -44,7 +45,7 @@ _SCAN_COUNT = 1000
 
 
 @register_tier
-class RedisTier(Tier):
+class RedisTier(RedisAsyncAPI, Tier):
     """Container blobs in Redis / Redis Cluster; a down server is a miss, never an exception.
 
     ``used_bytes`` is cheap and approximate on purpose: the bytes this process wrote and has not deleted
@@ -405,6 +406,7 @@ class RedisTier(Tier):
             client, self._client = self._client, None
         if client is not None:
             close_client(client, self._address.cluster)
+        self.close_async_clients()
 
 
 def _ttl_ms(ttl_s: float | None) -> int | None:
