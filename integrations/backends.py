@@ -204,16 +204,43 @@ class LocalBackend:
             stop.set()
 
     async def astream(self, prompt: SplitPrompt, settings: AnswerSettings) -> AsyncIterator[str | Answer]:
-        iterator = self.stream(prompt, settings)
-        done = object()
+        """``stream`` for asyncio: the answer runs on a thread of its own (it waits on the scheduler), pieces
+        arrive on this loop as they come; closing the generator early stops generation."""
+        checked = await asyncio.to_thread(self.runtime.check, self._request(prompt, settings))
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def on_token(text: str) -> None:
+            if stop.is_set():
+                raise Cancelled
+            loop.call_soon_threadsafe(pieces.put_nowait, ("piece", text))
+
+        def work() -> None:
+            try:
+                item: tuple[str, Any] = ("done", self.runtime.run(checked, on_token))
+            except Cancelled:
+                item = ("cancelled", None)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
+                item = ("error", exc)
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
+            except RuntimeError:  # the loop is gone: nobody is listening
+                pass
+
+        threading.Thread(target=work, name="ragkv-astream", daemon=True).start()
         try:
             while True:
-                item = await asyncio.to_thread(next, iterator, done)
-                if item is done:
+                kind, payload = await pieces.get()
+                if kind == "error":
+                    raise payload
+                if kind == "cancelled":
                     return
-                yield item  # type: ignore[misc]
+                yield payload
+                if kind == "done":
+                    return
         finally:
-            iterator.close()
+            stop.set()
 
 
 def _answer_from_json(data: Mapping[str, Any]) -> Answer:

@@ -2,6 +2,8 @@
 ChatModelUnitTests for the chat model) and a full LCEL RAG chain that hits the cache."""
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -128,3 +130,21 @@ async def test_async_chain_and_explicit_documents(tiny_runtime: Any) -> None:
     chunks = [c async for c in llm.astream("k99 v1 ; plain question", documents=["k99 v1 ;"])]
     whole = sum(chunks[1:], chunks[0])
     assert whole.response_metadata["documents"][0]["tokens"] == 3 and whole.usage_metadata["output_tokens"] == 2
+
+
+async def test_concurrent_async_calls_are_decoded_in_one_batch(tiny_runtime: Any) -> None:
+    llm = ChatRagkv(backend=_SHARED["backend"], max_tokens=12, strategy="reuse", stop=[])
+    scheduler = tiny_runtime.scheduler
+    before = Counter(scheduler.batch_sizes)
+    questions = [f"k{20 + i} v1 ; question {i}" for i in range(5)]
+    alone = [await llm.ainvoke(q, documents=["k20 v1 ;"]) for q in questions[:2]]
+
+    async def streamed(q: str) -> str:
+        return "".join([str(c.content) async for c in llm.astream(q, documents=["k20 v1 ;"])])
+
+    together = await asyncio.gather(*(llm.ainvoke(q, documents=["k20 v1 ;"]) for q in questions),
+                                    *(streamed(q) for q in questions[:2]))
+    assert [m.content for m in together[:2]] == [m.content for m in alone]  # greedy: batching changes nothing
+    assert list(together[5:]) == [m.content for m in alone]
+    grown = Counter(scheduler.batch_sizes) - before
+    assert max(grown) >= 2  # the concurrent calls shared decode steps
