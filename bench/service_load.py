@@ -1,5 +1,6 @@
 """Service load: 16 HTTP clients fetching 1 MB chunks from the REST service, beside direct TieredStore gets, and
-the TTFT of /v1/generate with warm vs cold documents.
+the TTFT of /v1/generate with warm vs cold documents; ``--scenario chat``: N concurrent streaming chat clients
+on a real model (``chat_load.py``; results in ``service_load_chat.json``).
 
 Processes, so that nobody's GIL measures anybody else: the service runs in its own process (uvicorn, the app
 of ``ragkv serve``, host-memory store); the 16 clients are threads in two client processes using keep-alive
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import chat_load
 from harness import Report, median  # (light: no torch; the client children import nothing heavier)
 
 MB = 1 << 20
@@ -243,6 +245,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES))
     parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--scenario", default="all", choices=["all", "chunks", "chat"])
+    parser.add_argument("--models", default=None, help="chat: comma-separated models (default smollm2-135m-instruct,toy)")
+    parser.add_argument("--device", default="cpu", help="chat: where the served model runs")
+    parser.add_argument("--levels", default=None, help="chat: comma-separated client counts (default 1,4,8,16)")
+    parser.add_argument("--rounds", type=int, default=None, help="chat: requests per client per phase")
+    parser.add_argument("--max-tokens", type=int, default=None, help="chat: max_tokens per request")
+    parser.add_argument("--warm-docs", type=int, default=None, help="chat: documents warmed beside 8 chat clients")
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--chat-serve-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=8, help=argparse.SUPPRESS)
@@ -250,6 +261,13 @@ def main() -> None:
     shape = args.shape or ("tiny" if args.quick else "smollm2-135m")
     if args.serve_child:
         serve_child(shape)
+        return
+    if args.chat_serve_child:
+        chat_load.serve_child(args.model, args.device)
+        return
+    if args.scenario in ("all", "chat"):
+        run_chat_scenario(args)
+    if args.scenario == "chat":
         return
     if args.client_child:
         client_child(args.client_child, args.threads, args.seconds or 1.0)
@@ -306,6 +324,28 @@ def main() -> None:
         report.note("TTFT phase skipped (--trials 0)")
     report.note("machine shared with other running jobs: absolute figures vary run to run; ratios are measured "
                 "side by side in one run")
+    report.write()
+
+
+def run_chat_scenario(args: argparse.Namespace) -> None:
+    models = (args.models or ("toy" if args.quick else "smollm2-135m-instruct,toy")).split(",")
+    levels = [int(n) for n in (args.levels or ("1,2" if args.quick else "1,4,8,16")).split(",")]
+    rounds = args.rounds or (1 if args.quick else 3)
+    max_tokens = args.max_tokens or (4 if args.quick else 32)
+    warm_docs = args.warm_docs if args.warm_docs is not None else (8 if args.quick else 500)
+    report = Report("service_load_chat", quick=args.quick, out=args.out)
+    report.setup = {"service": "ragkv service app, uvicorn, one process, loopback, host:8GB store, scheduler "
+                               "defaults (max_batch 16, one prefill between decode steps)",
+                    "models": f"{', '.join(models)} (real weights), float32, device {args.device}",
+                    "clients": f"{levels} concurrent streaming clients (threads), {rounds} requests each, "
+                               f"max_tokens {max_tokens}, temperature 0, documents of a sample-corpus question "
+                               "(warmed first), default strategy",
+                    "warm phase": f"8 chat clients while {warm_docs} fresh documents are warmed, 64 per request",
+                    "ttft_p99_vs_1": "TTFT p99 with 8 clients / the median TTFT of one client alone"}
+    for model in models:
+        chat_load.run_chat(report, __file__, model, args.device, levels, rounds, max_tokens, warm_docs)
+    report.note("machine shared with other running jobs: absolute figures vary run to run; ratios are measured "
+                "side by side in one run, on one warm server")
     report.write()
 
 
