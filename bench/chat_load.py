@@ -14,6 +14,7 @@ The warm phase: 8 clients chat while another client warms ``warm_docs`` fresh do
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -21,8 +22,6 @@ import sys
 import threading
 import time
 from typing import Any
-
-from harness import median
 
 WARM_BATCH = 64
 
@@ -81,7 +80,7 @@ def one_chat(client: Any, question: Any, max_tokens: int) -> dict[str, Any]:
         return {"ok": False, "status": type(exc).__name__}
     if not stamps:
         return {"ok": True, "ttft": None, "itl": [], "tokens": tokens}
-    return {"ok": True, "ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+    return {"ok": True, "ttft": stamps[0] - t0, "itl": [b - a for a, b in itertools.pairwise(stamps)],
             "tokens": tokens}
 
 
