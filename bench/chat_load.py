@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 WARM_BATCH = 64
@@ -212,3 +213,38 @@ def run_chat(report: Any, script: str, model: str, device: str, levels: list[int
              int(float(line.split()[-1])) for line in metrics.splitlines()
              if line.startswith("ragkv_decode_batch_size_bucket")}
     report.note(f"{model}: decode steps by batch size (cumulative, from /metrics): {steps}")
+
+
+def plot(results_json: Path, path: Path) -> bool:
+    """Aggregate tokens/s and TTFT p99 against concurrent clients, one line per model (from the results JSON)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    data = json.loads(results_json.read_text())
+    tables = [t for t in data["tables"] if t["title"].startswith("streaming chat")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
+    for table in tables:
+        cols = table["columns"]
+        clients = [r[cols.index("clients")] for r in table["rows"]]
+        label = table["title"].split(", ")[1].split(":")[0]
+        left.plot(clients, [r[cols.index("vs 1 client")] for r in table["rows"]], marker="o", label=label)
+        right.plot(clients, [r[cols.index("p99 vs 1 client")] for r in table["rows"]], marker="o", label=label)
+    left.axhline(3, color="grey", ls="--", lw=1, label="goal at 8 clients (>= 3)")
+    right.axhline(3, color="grey", ls="--", lw=1, label="goal at 8 clients (<= 3)")
+    left.set(xlabel="concurrent streaming clients", ylabel="aggregate tokens/s / one client's",
+             title="throughput vs one client")
+    right.set(xlabel="concurrent streaming clients", ylabel="TTFT p99 / one client's median TTFT",
+              title="TTFT p99 vs one client", yscale="log")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("ragkv service, /v1/chat/completions streaming, 2-core CPU (real models)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -346,7 +346,9 @@ def run_chat_scenario(args: argparse.Namespace) -> None:
         chat_load.run_chat(report, __file__, model, args.device, levels, rounds, max_tokens, warm_docs)
     report.note("machine shared with other running jobs: absolute figures vary run to run; ratios are measured "
                 "side by side in one run, on one warm server")
-    report.write()
+    written = report.write()
+    if not args.quick:
+        chat_load.plot(written, Path(__file__).resolve().parent / "service_load_chat.png")
 
 
 def add_ttft(report: Report, ttft: dict[str, list[float]]) -> None:

@@ -48,6 +48,12 @@ class Histogram:
         self.sum += value * n
         self.count += n
 
+    def add(self, other: Histogram) -> None:
+        """Fold ``other`` (same buckets) into this one."""
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.sum += other.sum
+        self.count += other.count
+
     def cumulative(self) -> list[tuple[str, int]]:
         out, running = [], 0
         for bound, c in zip([*map(_fmt_float, self.buckets), "+Inf"], self.counts):
@@ -180,8 +186,10 @@ class Metrics:
             }
 
     def render_prometheus(self, store_stats: Mapping[str, Any], extra_gauges: Mapping[str, float] = {},
-                          scheduler: Any = None) -> str:
-        """The Prometheus text exposition format (version 0.0.4); ``scheduler`` adds its queue and batch figures."""
+                          scheduler: Any = None, per_tenant: bool = False) -> str:
+        """The Prometheus text exposition format (version 0.0.4); ``scheduler`` adds its queue and batch figures.
+        Answer series carry a ``tenant`` label only with ``per_tenant`` (an admin's scrape); otherwise they are
+        summed over tenants, by endpoint."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -206,15 +214,15 @@ class Metrics:
             family("ragkv_ttft_seconds", "histogram",
                    "Time to first token of answers, by cache state of their documents (warm, cold, mixed, none).")
             histogram("ragkv_ttft_seconds", "cache", self.ttft)
-            family("ragkv_answers_total", "counter", "Answers by tenant and endpoint.")
-            for (tenant, endpoint), n in sorted(self.answers_by.items()):
-                lines.append(f"ragkv_answers_total{_labels({'tenant': tenant, 'endpoint': endpoint})} {n}")
-            family("ragkv_answer_ttft_seconds", "histogram",
-                   "Time to first token from joining the model queue, by tenant and endpoint.")
-            histogram("ragkv_answer_ttft_seconds", ("tenant", "endpoint"), self.answer_ttft)
+            by = ("tenant", "endpoint") if per_tenant else "endpoint"
+            family("ragkv_answers_total", "counter", f"Answers by {' and '.join(by) if per_tenant else by}.")
+            for key, n in sorted(_by_endpoint(self.answers_by, per_tenant).items()):
+                lines.append(f"ragkv_answers_total{_labels(dict(zip(by, key)) if per_tenant else {by: key})} {n}")
+            family("ragkv_answer_ttft_seconds", "histogram", "Time to first token from joining the model queue.")
+            histogram("ragkv_answer_ttft_seconds", by, _by_endpoint(self.answer_ttft, per_tenant))
             family("ragkv_answer_tokens_per_second", "histogram",
-                   "Decode rate of answers (tokens after the first / their time), by tenant and endpoint.")
-            histogram("ragkv_answer_tokens_per_second", ("tenant", "endpoint"), self.answer_rate)
+                   "Decode rate of answers (tokens after the first / their time).")
+            histogram("ragkv_answer_tokens_per_second", by, _by_endpoint(self.answer_rate, per_tenant))
             family("ragkv_documents_total", "counter", "Documents of answered requests, by outcome and tier.")
             for (outcome, tier), n in sorted(self.documents.items()):
                 lines.append(f"ragkv_documents_total{_labels({'outcome': outcome, 'tier': tier})} {n}")
@@ -257,6 +265,20 @@ class Metrics:
             family(name, "gauge", name.replace("_", " "))
             lines.append(f"{name} {_fmt_float(float(value))}")
         return "\n".join(lines) + "\n"
+
+
+def _by_endpoint(series: Mapping[tuple[str, str], Any], per_tenant: bool) -> dict[Any, Any]:
+    """Series keyed (tenant, endpoint) as they are, or summed over tenants and keyed by endpoint."""
+    if per_tenant:
+        return dict(series)
+    out: dict[str, Any] = {}
+    for (_, endpoint), value in series.items():
+        if isinstance(value, Histogram):
+            merged = out.setdefault(endpoint, Histogram(value.buckets))
+            merged.add(value)
+        else:
+            out[endpoint] = out.get(endpoint, 0) + value
+    return out
 
 
 def _fmt_float(v: float) -> str:

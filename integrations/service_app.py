@@ -43,7 +43,7 @@ from ragkv.integrations.metrics import Metrics
 from ragkv.integrations.runtime import RagRuntime
 from ragkv.integrations.service_chunks import add_chunk_routes
 from ragkv.integrations.service_deps import TenantDep, check_text, error_responses, printable
-from ragkv.integrations.service_http import GuardMiddleware, ServiceLimits, sse
+from ragkv.integrations.service_http import GuardMiddleware, ServiceLimits, api_key_of, sse
 from ragkv.integrations.service_models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -349,10 +349,13 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["observability"],
              summary="Prometheus metrics (text exposition format)")
-    async def prometheus() -> PlainTextResponse:
+    async def prometheus(request: Request) -> PlainTextResponse:
         store_stats = await anyio.to_thread.run_sync(runtime.store.stats)
+        # anyone may scrape aggregates; series by tenant need an admin's key (or an open, single-tenant service)
+        caller = state.registry.authenticate(api_key_of({k.lower(): v for k, v in request.scope["headers"]}))
+        per_tenant = state.registry.open or (caller is not None and caller.admin)
         text = metrics.render_prometheus(store_stats, {"ragkv_model_requests_waiting": runtime.waiting},
-                                         scheduler=runtime.scheduler)
+                                         scheduler=runtime.scheduler, per_tenant=per_tenant)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", response_class=HTMLResponse, tags=["observability"], summary="Status page (HTML)")

@@ -72,7 +72,8 @@ def _media_type(headers: dict[bytes, bytes]) -> str:
     return raw.split(";", 1)[0].strip().lower()
 
 
-def _api_key(headers: dict[bytes, bytes]) -> str | None:
+def api_key_of(headers: dict[bytes, bytes]) -> str | None:
+    """The API key a request sent (``Authorization: Bearer`` or ``X-API-Key``), or None."""
     auth = headers.get(b"authorization")
     if auth is not None:
         scheme, _, token = auth.decode("latin-1").partition(" ")
@@ -176,7 +177,7 @@ class GuardMiddleware:
         path: str = scope.get("path", "/")
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         if path.startswith("/v1/"):
-            tenant = self.registry.authenticate(_api_key(headers))
+            tenant = self.registry.authenticate(api_key_of(headers))
             if tenant is None:
                 await send_json(send, 401, {"detail": "missing or invalid API key (send 'Authorization: Bearer "
                                                       "<key>' or 'X-API-Key: <key>')"},
@@ -284,4 +285,4 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return (head + "".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
 
 
-__all__ = ["TENANT_SCOPE_KEY", "GuardMiddleware", "ServiceLimits", "expected_content_type", "send_json", "sse"]
+__all__ = ["TENANT_SCOPE_KEY", "GuardMiddleware", "ServiceLimits", "api_key_of", "expected_content_type", "send_json", "sse"]

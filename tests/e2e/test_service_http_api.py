@@ -222,11 +222,15 @@ def test_concurrent_streaming_chats_share_decode_steps_and_are_metered(service: 
     assert len(texts) == 1  # greedy: the same answer for every client, batched or not
     sizes = service.state.runtime.scheduler.batch_sizes
     assert sum(sizes.values()) > steps_before and max(sizes) >= 2
-    with service.client(None) as anonymous:
+    with service.client(None) as anonymous, service.client("admin") as admin, service.client("bob") as bob:
         text = anonymous.get("/metrics").text
-    assert 'ragkv_answers_total{tenant="alice",endpoint="chat"}' in text
-    assert 'ragkv_answer_ttft_seconds_bucket{tenant="alice",endpoint="chat",le="+Inf"}' in text
-    assert 'ragkv_answer_tokens_per_second_count{tenant="alice",endpoint="chat"}' in text
+        by_tenant = admin.get("/metrics").text
+        not_admin = bob.get("/metrics").text
+    assert 'ragkv_answers_total{endpoint="chat"}' in text and "alice" not in text  # aggregates for anyone
+    assert 'ragkv_answer_ttft_seconds_bucket{endpoint="chat",le="+Inf"}' in text and "alice" not in not_admin
+    assert 'ragkv_answers_total{tenant="alice",endpoint="chat"}' in by_tenant  # by tenant for an admin
+    assert 'ragkv_answer_ttft_seconds_bucket{tenant="alice",endpoint="chat",le="+Inf"}' in by_tenant
+    assert 'ragkv_answer_tokens_per_second_count{tenant="alice",endpoint="chat"}' in by_tenant
     assert 'ragkv_scheduler_queue_depth{queue="generate"} 0' in text and "ragkv_scheduler_batch_size 0" in text
     count = next(line for line in text.splitlines() if line.startswith("ragkv_decode_batch_size_count"))
     alone_steps = next(line for line in text.splitlines()
