@@ -45,7 +45,7 @@ def make_async_client(redis: Any, config: RedisConfig) -> Any:
 
 
 class RedisAsyncAPI:
-    """Async forms for ``RedisTier`` (which provides ``_redis``, ``_breaker``, ``_rkey``, ``_accept_chunk``,
+    """Async forms for ``RedisTier`` (which provides ``_redis``, ``_guarded``, ``_rkey``, ``_accept_chunk``,
     ``_encoded``, ``_remember``, ``_forget``, ``stats``, ``config``)."""
 
     _aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]
@@ -59,29 +59,9 @@ class RedisAsyncAPI:
         return client
 
     async def _arun(self, op: str, action: Callable[[Any], Awaitable[T]]) -> T:
-        """One backend call under the breaker; every backend failure leaves as ``TierUnavailable``."""
-        tier: Any = self
-        if tier._closed:
-            raise TierUnavailable(f"redis tier is closed; {op} skipped")
-        if not tier._breaker.allow():
-            raise TierUnavailable(f"redis circuit is open; {op} skipped")
-        settled = False
-        try:
-            result = await action(self._async_client())
-            tier._breaker.record_success()
-            settled = True
-            return result
-        except tier._unreachable as exc:
-            tier._breaker.record_failure(exc)
-            settled = True
-            raise TierUnavailable(f"redis {op} failed: {exc}") from exc
-        except tier._refused as exc:
-            tier._breaker.record_success()
-            settled = True
-            raise TierUnavailable(f"redis {op} refused: {exc}") from exc
-        finally:
-            if not settled:
-                tier._breaker.release()
+        """One async backend call under the tier's breaker (``RedisTier._guarded``)."""
+        with self._guarded(op):  # type: ignore[attr-defined]
+            return await action(self._async_client())
 
     async def _aor(self, op: str, action: Callable[[Any], Awaitable[T]], fallback: T) -> T:
         try:

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from ragkv.kvstore.artefacts import ARTEFACT_KEY, MAX_ARTEFACT_BYTES, check_digest
@@ -96,18 +97,19 @@ class RedisTier(RedisAsyncAPI, Tier):
                 self._client = make_client(self._redis, self.config)
             return self._client
 
-    def _run(self, op: str, action: Callable[[Any], T]) -> T:
-        """Run one backend call under the breaker; every backend failure leaves as ``TierUnavailable``."""
+    @contextmanager
+    def _guarded(self, op: str) -> Iterator[None]:
+        """One backend call (blocking or async) under the breaker; every backend failure leaves as
+        ``TierUnavailable``."""
         if self._closed:
             raise TierUnavailable(f"redis tier is closed; {op} skipped")
         if not self._breaker.allow():
             raise TierUnavailable(f"redis circuit is open; {op} skipped")
         settled = False
         try:
-            result = action(self._connect())
+            yield
             self._breaker.record_success()
             settled = True
-            return result
         except self._unreachable as exc:
             self._breaker.record_failure(exc)
             settled = True
@@ -119,6 +121,11 @@ class RedisTier(RedisAsyncAPI, Tier):
         finally:
             if not settled:
                 self._breaker.release()
+
+    def _run(self, op: str, action: Callable[[Any], T]) -> T:
+        """Run one blocking backend call under the breaker (``_guarded``)."""
+        with self._guarded(op):
+            return action(self._connect())
 
     def _rkey(self, key: str) -> str:
         return self._prefix + key
