@@ -265,12 +265,12 @@ def main() -> None:
     if args.chat_serve_child:
         chat_load.serve_child(args.model, args.device)
         return
+    if args.client_child:
+        client_child(args.client_child, args.threads, args.seconds or 1.0)
+        return
     if args.scenario in ("all", "chat"):
         run_chat_scenario(args)
     if args.scenario == "chat":
-        return
-    if args.client_child:
-        client_child(args.client_child, args.threads, args.seconds or 1.0)
         return
     seconds = args.seconds or (1.0 if args.quick else 20.0)
     trials = args.trials if args.trials is not None else (2 if args.quick else 7)
