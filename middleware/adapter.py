@@ -156,6 +156,9 @@ class ModelAdapter:
         self.start_token_id = self._resolve_start_token(start_token_id)
         self.model_id = model_id
         self.fingerprint = self._fingerprint(weights_digest)
+        # called after every layer ``attend`` computes (every path: prefill, selective, batched decode); the
+        # scheduler uses it to pause a long prepare for decode steps (``middleware/sliced.py``)
+        self.layer_hook: Callable[[], None] | None = None
 
     # -- identity ------------------------------------------------------------------------------------------
     def _resolve_start_token(self, start_token_id: int | None) -> int:
@@ -285,7 +288,10 @@ class ModelAdapter:
         b, _, r, _ = out.shape
         out = attn.o_proj(out.transpose(1, 2).reshape(b, r, -1))  # [B, R, E]
         hidden = residual + out
-        return hidden + block.mlp(block.post_attention_layernorm(hidden))
+        hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+        if self.layer_hook is not None:
+            self.layer_hook()
+        return hidden
 
     @torch.no_grad()
     def attention_probs(self, layer: int, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | RowMask

@@ -5,7 +5,9 @@ store fetches included) plus its ``GenerationConfig`` — and block on their own
 as they come. The worker loop, between two decode steps:
 
 1. admits up to ``prefills_per_step`` waiting jobs (all of them up to ``max_batch`` while nothing decodes):
-   runs the job's prepare, samples its first token and adds its cache to the ``DecodeBatch``;
+   runs the job's prepare, samples its first token and adds its cache to the ``DecodeBatch``. While a batch
+   decodes, the prepare runs on a helper thread in slices of ``prefill_slice_s`` (``SlicedCall``): at a layer
+   boundary it pauses for one decode step, so a long prefill is chunked and streams keep flowing;
 2. runs one batched forward over every active sequence; finished sequences leave at once;
 3. runs one unit of warm work when no generate job is waiting — at once when nothing decodes, else once every
    ``warm_every_steps`` steps — so a corpus warm never stops generation and never turns it into an error.
@@ -39,6 +41,7 @@ from ragkv.middleware.generation import (
     TokenEvent,
     result_of,
 )
+from ragkv.middleware.sliced import SlicedCall
 
 T = TypeVar("T")
 POLL_S = 0.05  # how often a waiting caller checks its start deadline
@@ -50,6 +53,9 @@ class SchedulerConfig:
     max_waiting: int = 16  # generate jobs queued before Overloaded
     max_warm_waiting: int = 64  # warm jobs queued before Overloaded
     prefills_per_step: int = 1  # prepares admitted between two decode steps while a batch decodes
+    # while a batch decodes, a prepare pauses for one decode step each time it has run this long (at a layer
+    # boundary); None: a prepare runs whole
+    prefill_slice_s: float | None = 0.1
     warm_every_steps: int = 4  # while decoding, one warm unit per this many steps (and only with no job waiting)
     aging_s: float = 2.0  # waiting this long outweighs a fully cached prompt
     wait_timeout_s: float = 120.0  # a job not started by then is refused with Overloaded
@@ -105,6 +111,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.batch_sizes: Counter[int] = Counter()  # decode steps by batch size
+        self.prepare_pauses = 0  # decode steps run inside a sliced prepare
 
     # -- callers --------------------------------------------------------------------------------------------
     def _start_worker(self) -> None:
@@ -214,8 +221,7 @@ class Scheduler:
                     break
                 self._admit(job)
                 admitted += 1
-            for job in [j for j in self._batch.members if j.cancelled.is_set()]:
-                self._batch.remove(job)
+            self._drop_cancelled()
             if len(self._batch):
                 self._decode_step()
                 steps_since_warm += 1
@@ -235,9 +241,26 @@ class Scheduler:
             job.started.set()
             return job
 
+    def _prepare(self, job: _GenerateJob) -> PreparedContext:
+        """The job's prepare; while a batch decodes, sliced, with a decode step in each pause."""
+        if self.config.prefill_slice_s is None or not len(self._batch):
+            return job.prepare()
+        call = SlicedCall(self.adapter, job.prepare, self.config.prefill_slice_s).start()
+        while call.wait():
+            self._drop_cancelled()
+            if len(self._batch):
+                self._decode_step()
+                self.prepare_pauses += 1
+            call.resume()
+        return call.result()
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._batch.members if j.cancelled.is_set()]:
+            self._batch.remove(job)
+
     def _admit(self, job: _GenerateJob) -> None:
         try:
-            prepared = job.prepare()
+            prepared = self._prepare(job)
         except Exception as exc:  # noqa: BLE001 - relayed: the caller raises it
             job.events.put(exc)
             return

@@ -15,6 +15,7 @@ from ragkv.middleware.context import PrepareRequest
 from ragkv.middleware.errors import Overloaded
 from ragkv.middleware.generation import GenerationConfig
 from ragkv.middleware.scheduler import Scheduler, SchedulerConfig, _GenerateJob, pick_next
+from ragkv.middleware.sliced import SlicedCall
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +58,22 @@ def _cases(engine: Any) -> list[tuple[Any, Any, GenerationConfig]]:
     ]
 
 
-@pytest.mark.parametrize("prefills_per_step", [1, 4])
-def test_batched_decode_gives_the_tokens_of_one_at_a_time_greedy(toy_engine: Any, prefills_per_step: int) -> None:
+@pytest.mark.parametrize(("prefills_per_step", "prefill_slice_s"), [(1, None), (4, 0.1), (1, 0.0)])
+def test_batched_decode_gives_the_tokens_of_one_at_a_time_greedy(toy_engine: Any, prefills_per_step: int,
+                                                                 prefill_slice_s: float | None) -> None:
     cases = _cases(toy_engine)
     expected = alone(toy_engine, cases)
-    got, scheduler = together(toy_engine, cases, prefills_per_step=prefills_per_step)
+    got, scheduler = together(toy_engine, cases, prefills_per_step=prefills_per_step,
+                              prefill_slice_s=prefill_slice_s)
+    if prefill_slice_s == 0.0:  # a pause after every layer of every prepare made while the batch decoded
+        assert scheduler.prepare_pauses >= toy_engine.adapter.num_layers
     reasons = {r.finish_reason for r in expected}
     assert reasons == {"length", "stop_string", "stop_token"}
     for want, have in zip(expected, got):
         assert (have.token_ids, have.text, have.finish_reason) == (want.token_ids, want.text, want.finish_reason)
-    assert max(scheduler.batch_sizes) >= 3  # the sequences really shared decode steps
+    # the sequences really shared decode steps (with a pause after every prepare layer, each prepare lasts
+    # as many steps as the model has layers, so the short answers are over before the next joins)
+    assert max(scheduler.batch_sizes) >= (2 if prefill_slice_s == 0.0 else 3)
 
 
 def test_the_batch_layout_moves_the_last_slot_into_a_freed_one(host_engine: Any, make_words: Any) -> None:
@@ -167,3 +174,26 @@ def test_full_queues_and_shutdown_refuse_with_overloaded(host_engine: Any, make_
     request = PrepareRequest(query=make_words(2, 4), chunks=[])
     with pytest.raises(Overloaded, match="shut down"):
         scheduler.generate(lambda: host_engine.prepare(request, "full"), GenerationConfig())
+
+
+def test_a_sliced_prefill_pauses_after_each_layer_and_computes_the_same(toy_engine: Any) -> None:
+    adapter = toy_engine.adapter
+    ids = torch.tensor([toy_engine.cacher.tokens(" ".join(f"k{i % 64} v{i % 64} ;" for i in range(40)))])
+    whole = adapter.prefill(ids)
+    call = SlicedCall(adapter, lambda: adapter.prefill(ids), slice_s=0.0).start()
+    other = DecodeBatch(adapter)
+    other.add("x", adapter.make_cache(whole.kv[:, :, :, :, :10]))
+    pauses = 0
+    while call.wait():
+        pauses += 1
+        other.step([5], [10 + pauses])  # model work of another thread while paused: not a pause point
+        call.resume()
+    sliced = call.result()
+    assert pauses == adapter.num_layers and adapter.layer_hook is None
+    assert torch.equal(sliced.kv, whole.kv) and torch.equal(sliced.hidden, whole.hidden)
+    failing = SlicedCall(adapter, lambda: adapter.prefill(torch.tensor([[10**9]])), slice_s=0.0).start()
+    while failing.wait():
+        failing.resume()
+    with pytest.raises(IndexError):
+        failing.result()
+    assert adapter.layer_hook is None
