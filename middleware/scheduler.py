@@ -55,7 +55,7 @@ class SchedulerConfig:
     prefills_per_step: int = 1  # prepares admitted between two decode steps while a batch decodes
     # while a batch decodes, a prepare pauses for one decode step each time it has run this long (at a layer
     # boundary); None: a prepare runs whole
-    prefill_slice_s: float | None = 0.1
+    prefill_slice_s: float | None = 0.25
     warm_every_steps: int = 4  # while decoding, one warm unit per this many steps (and only with no job waiting)
     aging_s: float = 2.0  # waiting this long outweighs a fully cached prompt
     wait_timeout_s: float = 120.0  # a job not started by then is refused with Overloaded
