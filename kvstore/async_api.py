@@ -4,8 +4,8 @@ Every tier and ``TieredStore`` has them: ``aget``, ``aget_many``, ``aput``, ``ad
 its blocking operation on a worker thread (``asyncio.to_thread``), so the event loop never waits on a disk read,
 a Redis round trip or a decode; concurrent calls overlap as the blocking ones do from threads (the store is
 thread-safe). The Redis tier overrides them with native asyncio I/O (``redis_async.RedisAsyncAPI``: one
-``redis.asyncio`` client per event loop; decoding still off the loop). A ``TieredStore`` runs its lookup
-(tiers in order, promotion into faster tiers, write-back queue) as one blocking call on a worker thread.
+``redis.asyncio`` client per event loop; decoding still off the loop), and a ``TieredStore`` with such a
+tier reads it natively (``store_async.TieredAsyncAPI``).
 """
 from __future__ import annotations
 

@@ -30,19 +30,19 @@ from typing import Any
 import torch
 
 from ragkv.kvstore.artefacts import read_artefact, write_artefact
-from ragkv.kvstore.async_api import AsyncStoreAPI
 from ragkv.kvstore.chunk import ChunkKV, check_key
 from ragkv.kvstore.config import StoreConfig, resolve_config
 from ragkv.kvstore.container import KEEP, decode_entry, encode_entry, rewrite_header
 from ragkv.kvstore.errors import ConfigError, CorruptEntry, StoreClosed, StoreWriteError
 from ragkv.kvstore.header_schema import EntryHeader, EntryLimits
+from ragkv.kvstore.store_async import TieredAsyncAPI
 from ragkv.kvstore.tiers.base import Tier, expiry_time, make_tier
 from ragkv.kvstore.write_back import PendingWrite, WriteBackQueue
 
 _KEY_LOCK_STRIPES = 256
 
 
-class TieredStore(AsyncStoreAPI):
+class TieredStore(TieredAsyncAPI):
     """Compose tiers fastest-first. Thread-safe; a context manager; async forms of the operations (``aget``,
     ``aget_many``, ``aput``, ``adelete``, ``acontains``) for asyncio applications."""
 
@@ -67,6 +67,7 @@ class TieredStore(AsyncStoreAPI):
         self._counters = {"hits": 0, "misses": 0, "promotions": 0, "writeback_failed": 0}
         self._counter_lock = threading.Lock()
         self._key_locks = [threading.RLock() for _ in range(_KEY_LOCK_STRIPES)]
+        self._generations = [0] * _KEY_LOCK_STRIPES
         self._pool = ThreadPoolExecutor(self.config.prefetch_workers, thread_name_prefix="ragkv-prefetch")
         self._closed = False
         self._active = 0  # writers inside put/put_blob; close waits for them
@@ -103,20 +104,39 @@ class TieredStore(AsyncStoreAPI):
             tier.limits = self.limits
 
     # -- reads -------------------------------------------------------------------------------------------
+    def _fast_hit(self, key: str) -> ChunkKV | None:
+        """A value waiting for write-back, or a hit in a decoded first tier (no lock, no I/O); counted."""
+        pending = self._live_pending(key)
+        chunk = pending.chunk if pending is not None else None
+        first = self.tiers[0]
+        if chunk is None and not first.holds_encoded:
+            chunk = first.get(key)
+        if chunk is not None:
+            self._count(hits=1)
+        return chunk
+
+    def _generation(self, key: str) -> int:
+        """Bumped by every write and delete of a key in ``key``'s lock stripe (see ``_promote_unless_changed``)."""
+        return self._generations[hash(key) % _KEY_LOCK_STRIPES]
+
+    def _bump(self, key: str) -> None:
+        self._generations[hash(key) % _KEY_LOCK_STRIPES] += 1  # under the key's lock
+
+    def _promote_unless_changed(self, key: str, hit_index: int, chunk: ChunkKV, blob: bytes | None,
+                                expires_at: float | None, generation: int) -> None:
+        """``_promote`` a value read without the key's lock, unless the key was written or deleted since the
+        read began (then the faster tiers must not get the older value)."""
+        with self._key_lock(key):
+            if self._generation(key) == generation and key not in self._pending:
+                self._promote(key, hit_index, chunk, blob, expires_at)
+
     def get(self, key: str) -> ChunkKV | None:
         """The chunk, from the fastest tier holding it (promoted into faster tiers), or ``None``."""
         check_key(key)
         self._check_open()
-        pending = self._live_pending(key)
-        if pending is not None:
-            self._count(hits=1)
-            return pending.chunk
-        first = self.tiers[0]
-        if not first.holds_encoded:
-            chunk = first.get(key)
-            if chunk is not None:
-                self._count(hits=1)
-                return chunk
+        chunk = self._fast_hit(key)
+        if chunk is not None:
+            return chunk
         with self._key_lock(key):  # a delete or write of this key waits until the promotion is done
             pending = self._live_pending(key)
             if pending is not None:
@@ -139,8 +159,10 @@ class TieredStore(AsyncStoreAPI):
             chunk = tier.get(key)
             return None if chunk is None else (chunk, None, tier.expiry(key))
         blob = tier.get_blob(key)
-        if blob is None:
-            return None
+        return None if blob is None else self._decode_read(tier, key, blob)
+
+    def _decode_read(self, tier: Tier, key: str, blob: bytes) -> tuple[ChunkKV, bytes, float | None] | None:
+        """A blob read from an encoded tier, decoded; a corrupt one is deleted there and is a miss."""
         try:
             header, chunk = decode_entry(blob, self.limits, key)
         except CorruptEntry:
@@ -237,6 +259,7 @@ class TieredStore(AsyncStoreAPI):
             raise ConfigError(f"chunk {key} holds non-finite KV (NaN or inf); refusing to store it")
         with _Writer(self):
             with self._key_lock(key):
+                self._bump(key)
                 if self._write_back is None:
                     self._write(key, chunk, expires_at, self.tiers)
                     return
@@ -253,6 +276,7 @@ class TieredStore(AsyncStoreAPI):
                                       expires_at=KEEP if ttl_s is None else expiry_time(ttl_s))
         expires_at = header.expires_at
         with _Writer(self), self._key_lock(key):
+            self._bump(key)
             if self._write_back is not None:
                 self._write_back.cancel(key)
             encoded = [t for t in self.tiers if t.holds_encoded]
@@ -283,6 +307,7 @@ class TieredStore(AsyncStoreAPI):
         check_key(key)
         self._check_open()
         with self._key_lock(key):
+            self._bump(key)
             removed = self._write_back.cancel(key) if self._write_back is not None else False
             for tier in self.tiers:
                 removed = tier.delete(key) or removed

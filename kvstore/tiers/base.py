@@ -79,6 +79,7 @@ class Tier(AsyncStoreAPI):
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[TierConfig]] = TierConfig
     holds_encoded: ClassVar[bool] = False
+    native_async: ClassVar[bool] = False  # its async forms do their I/O on the event loop (and it has aget_blob)
 
     def __init__(self, config: TierConfig) -> None:
         if not isinstance(config, self.config_class):

@@ -81,6 +81,15 @@ class RedisAsyncAPI:
         rkey = self._rkey(check_key(key))  # type: ignore[attr-defined]
         return await self._accept(key, await self._aor("get", lambda c: c.get(rkey), None))
 
+    async def aget_blob(self, key: str) -> bytes | None:
+        """The container blob, framing and header checked (the caller decodes it), or None."""
+        tier: Any = self
+        rkey = tier._rkey(check_key(key))
+        blob = await self._aor("get", lambda c: c.get(rkey), None)
+        if blob is None:
+            return tier._accept_blob(key, None)
+        return await asyncio.to_thread(tier._accept_blob, key, blob)
+
     async def aget_many(self, keys: Sequence[str]) -> list[ChunkKV | None]:
         keys = [check_key(k) for k in keys]
         blobs: list[bytes | None] = [None] * len(keys)

@@ -58,6 +58,7 @@ class RedisTier(RedisAsyncAPI, Tier):
     """
 
     kind = "redis"
+    native_async = True
     config_class = RedisConfig
     holds_encoded = True
     config: RedisConfig

@@ -84,3 +84,30 @@ def test_nothing_listening_is_a_miss_in_async_form_too(scheme: str, make_redis_t
     asyncio.run(scenario())
     stats = tier.stats.snapshot()
     assert stats["puts"] == 0 and stats["errors"] >= 4 and tier.breaker.times_opened >= 1
+
+
+def test_a_store_reads_redis_on_the_loop_and_promotes_only_current_values(redis_url: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragkv.kvstore import TieredStore
+
+    with TieredStore(f"host:64MB,{redis_url}") as store:
+        host, redis = store.tiers
+        old, new = _chunk(1), _chunk(2)
+        store.put("ns:a", old)
+        host.delete("ns:a")
+
+        def blocking(*_: Any) -> None:
+            raise AssertionError("the blocking Redis path was used")
+
+        monkeypatch.setattr(redis, "get_blob", blocking)
+        got = asyncio.run(store.aget("ns:a"))
+        assert got is not None and torch.equal(got.kv, old.kv)
+        assert torch.equal(host.get("ns:a").kv, old.kv)  # promoted into the host tier
+        many = asyncio.run(store.aget_many(["ns:a", "ns:absent"]))
+        assert many[1] is None and torch.equal(many[0].kv, old.kv)
+        host.delete("ns:a")
+        generation = store._generation("ns:a")  # a read begins ...
+        monkeypatch.undo()
+        store.put("ns:a", new)  # ... a write lands before its promotion ...
+        store._promote_unless_changed("ns:a", 1, old, None, None, generation)
+        assert torch.equal(host.get("ns:a").kv, new.kv)  # ... and the older value is not promoted over it
