@@ -94,6 +94,8 @@ class DocumentReport:
     source: str
     recomputed_tokens: int = 0
     load_ms: float = 0.0
+    near_duplicate_of: str | None = None  # the stored chunk a miss was repaired from
+    repaired_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,6 +150,7 @@ def answer_from(result: Any, prepared: Any, prompt_tokens: int) -> Answer:
     timings["total"] = result.total_s * 1e3
     reports = [DocumentReport(index=c.index, key=c.key, tokens=c.num_tokens, hit=bool(c.hit), tier=c.tier,
                               codec=c.codec, source=c.source, recomputed_tokens=int(c.recomputed_tokens),
+                              near_duplicate_of=c.near_duplicate_of, repaired_tokens=int(c.repaired_tokens),
                               load_ms=float(c.load_seconds) * 1e3) for c in prepared.chunks]
     return Answer(text=result.text, finish_reason=result.finish_reason, strategy=result.strategy,
                   ttft_s=result.ttft_s, total_s=result.total_s, timings_ms=timings, documents=reports,

@@ -244,7 +244,8 @@ class LocalBackend:
 
 
 def _answer_from_json(data: Mapping[str, Any]) -> Answer:
-    documents = [DocumentReport(**{k: d[k] for k in DocumentReport.__dataclass_fields__}) for d in data["documents"]]
+    documents = [DocumentReport(**{k: d[k] for k in DocumentReport.__dataclass_fields__ if k in d})
+                 for d in data["documents"]]
     usage = data.get("usage", {})
     return Answer(text=data["answer"], finish_reason=data["finish_reason"], strategy=data["strategy"],
                   ttft_s=data["ttft_ms"] / 1e3, total_s=data["total_ms"] / 1e3, timings_ms=dict(data["timings_ms"]),

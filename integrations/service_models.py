@@ -120,9 +120,11 @@ class DocumentOutcome(BaseModel):
     hit: bool = Field(description="Served from the store")
     tier: str | None
     codec: str | None
-    source: str = Field(description="store | computed | prefix | text | dropped")
+    source: str = Field(description="store | computed | near-duplicate | prefix | text | dropped")
     recomputed_tokens: int
     load_ms: float
+    near_duplicate_of: str | None = Field(default=None, description="the stored chunk a miss was repaired from")
+    repaired_tokens: int = Field(default=0, description="tokens computed when repairing a near-duplicate")
 
 
 class Usage(BaseModel):

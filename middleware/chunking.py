@@ -9,7 +9,7 @@ importance (the attention it receives inside its chunk) is stored with the KV un
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ class ChunkCacher:
         self.store = store
         self.config = config
         self.separator = separator  # the prompt layout's text after each document (part of its tokens)
+        self.observer: Callable[[str, Sequence[int]], None] | None = None  # told of every chunk a warm stores or finds
 
     def tokens(self, chunk: str | Sequence[int]) -> list[int]:
         """A text chunk's token ids (text + separator, tokenized alone); token ids are taken as they are."""
@@ -135,6 +136,9 @@ class ChunkCacher:
                     self.store.pin(key)
                 report.computed += 1
                 report.tokens_computed += chunk.num_tokens
+        if self.observer is not None:
+            for key, ids in zip(report.keys, token_lists):
+                self.observer(key, ids)
         report.seconds = time.perf_counter() - start
         return report
 

@@ -66,11 +66,15 @@ class ChunkInfo:
     hit: bool  # served from the store (or from an exact prefix entry)
     tier: str | None = None  # tier it was read from; None when computed
     codec: str | None = None  # codec of the entry read ("decoded" for tensors held by fast tiers)
-    source: str = "store"  # "store" | "computed" (miss, computed alone and stored) | "prefix" | "text" | "dropped"
+    # "store" | "computed" (miss, computed alone and stored) | "near-duplicate" (miss repaired from an edited
+    # stored chunk) | "prefix" | "text" | "dropped"
+    source: str = "store"
     recomputed_tokens: int = 0  # rows of this chunk recomputed in the deepest layers (blend)
     kept_tokens: int | None = None  # rows kept in the cache (compress); None = all
     load_seconds: float = 0.0
     stored: bool = False  # a miss that was written back to the store
+    near_duplicate_of: str | None = None  # a miss repaired from this stored near-duplicate (source "near-duplicate")
+    repaired_tokens: int = 0  # tokens of a near-duplicate computed when repairing it
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

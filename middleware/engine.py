@@ -26,6 +26,7 @@ from ragkv.middleware.chunking import ChunkCacher, ChunkingConfig, WarmReport
 from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
 from ragkv.middleware.costs import CostModel
 from ragkv.middleware.loading import ChunkLoader, LoadedChunk
+from ragkv.middleware.near_duplicate_reuse import NearDuplicateConfig, NearDuplicateHit, NearDuplicateReuse
 from ragkv.middleware.prefix_cache import PrefixCache, PrefixCacheConfig
 from ragkv.middleware.prompt_template import DocumentLayout, PromptParts, PromptTemplate
 
@@ -40,6 +41,7 @@ class EngineConfig:
     pipelined_loading: bool = True  # decode slow-tier chunks layer by layer while computing
     promote_after_load: bool = True  # put chunks read from a slow tier into the faster decoded tiers
     default_strategy: str = "blend"
+    near_duplicates: NearDuplicateConfig = field(default_factory=NearDuplicateConfig)  # reuse of edited chunks
     layout: DocumentLayout = field(default_factory=DocumentLayout)  # where documents go in the chat template
 
 
@@ -52,6 +54,8 @@ class ContextEngine:
                          or adapter.family.fallback_chat_template(adapter.tokenizer))
         self.template = PromptTemplate(adapter.tokenizer, adapter.start_token_id, config.layout, chat_template)
         self.cacher = ChunkCacher(adapter, store, config.chunking, separator=self.template.separator)
+        self.near_duplicates = NearDuplicateReuse(adapter, store, self.cacher.meta, config.near_duplicates)
+        self.cacher.observer = self.near_duplicates.observe
         self.loader = ChunkLoader(adapter, store, promote=config.promote_after_load)
         self.prefix_cache = PrefixCache(config.prefix_cache)
         self.costs = CostModel()
@@ -201,6 +205,15 @@ class ContextEngine:
         loaded = self.loader.load(keys, token_lists, pipelined=pipelined, recompute=recompute, sources=src)
         misses = [i for i, c in enumerate(loaded) if c is None]
         stored: set[int] = set()
+        near = self._near_duplicates(misses, token_lists, request)
+        for i, found in near.items():
+            if request.store_misses:
+                self.store.put(write_keys[i], found.chunk)
+                self.near_duplicates.observe(write_keys[i], token_lists[i])
+                stored.add(i)
+            loaded[i] = LoadedChunk(write_keys[i], found.chunk.meta, None, None, found.chunk.nbytes, hit=False,
+                                    _full=found.chunk.kv)
+        misses = [i for i in misses if i not in near]
         if misses:
             start = time.perf_counter()
             computed = self.cacher.compute([token_lists[i] for i in misses])
@@ -209,6 +222,7 @@ class ContextEngine:
             for i, chunk in zip(misses, computed):
                 if request.store_misses:
                     self.store.put(write_keys[i], chunk)
+                    self.near_duplicates.observe(write_keys[i], token_lists[i])
                     stored.add(i)
                 loaded[i] = LoadedChunk(write_keys[i], chunk.meta, None, None, chunk.nbytes, hit=False, _full=chunk.kv)
         by_index: dict[int, LoadedChunk] = {}
@@ -218,10 +232,30 @@ class ContextEngine:
             c = loaded[i]
             assert c is not None
             by_index[s.index] = c
+            found = near.get(i)
             infos.append(ChunkInfo(index=s.index, key=s.key or "", num_tokens=s.length, position=s.start, hit=c.hit,
-                                   tier=c.tier, codec=c.codec, source="store" if c.hit else "computed",
-                                   load_seconds=c.load_seconds, stored=i in stored))
+                                   tier=c.tier, codec=c.codec,
+                                   source="store" if c.hit else "near-duplicate" if found else "computed",
+                                   load_seconds=c.load_seconds, stored=i in stored,
+                                   near_duplicate_of=found.source_key if found else None,
+                                   repaired_tokens=found.repaired_tokens if found else 0))
         return by_index, infos
+
+    def _near_duplicates(self, misses: Sequence[int], token_lists: Sequence[Sequence[int]],
+                         request: PrepareRequest) -> dict[int, NearDuplicateHit]:
+        """Misses repaired from a stored near-duplicate the request may read (see ``near_duplicate_reuse``)."""
+        found: dict[int, NearDuplicateHit] = {}
+        if not self.near_duplicates.enabled:
+            return found
+        start = time.perf_counter()
+        for i in misses:
+            hit = self.near_duplicates.find(token_lists[i], request.lookup)
+            if hit is not None:
+                found[i] = hit
+        if found:
+            rows = sum(h.repaired_tokens + 1 for h in found.values()) * self.adapter.num_layers
+            self.costs.observe_compute(rows, time.perf_counter() - start)
+        return found
 
     def resolve_keys(self, token_lists: Sequence[Sequence[int]], request: PrepareRequest) -> list[str]:
         """Each chunk's key in the first namespace of ``request.lookup`` that holds it (the tenant's own, then
