@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--near-duplicates", action="store_true",
+                       help="repair a missing document from a stored near-duplicate (an edited copy) instead of "
+                            "computing it; off by default")
     serve.add_argument("--api-keys", default=None, metavar="FILE",
                        help="JSON/TOML file mapping API keys to tenants (default: open, one tenant, loopback only)")
     serve.add_argument("--max-chunk-bytes", type=int, default=256 << 20, help="largest chunk blob a PUT may send")

@@ -33,6 +33,7 @@ from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.calibration import load_calibration
 from ragkv.middleware.codec_calibration import load_codec_calibration, use_codec_calibration
 from ragkv.middleware.model_registry import models_dir
+from ragkv.middleware.near_duplicate_reuse import NearDuplicateConfig
 from ragkv.middleware.scheduler import Scheduler, SchedulerConfig
 
 DEFAULT_DEVICE_TIER = "1GB"  # the device tier the embedded default store gets when the model is on a GPU
@@ -47,14 +48,19 @@ class RagRuntime:
                  wait_timeout_s: float | None = None, scheduler: SchedulerConfig | None = None,
                  own_store: bool = False, engine_config: Any = None,
                  max_chunk_tokens: int = 4096, max_context_tokens: int | None = None,
-                 use_calibration: bool = True, calibration_dir: str | Path | None = None) -> None:
+                 use_calibration: bool = True, calibration_dir: str | Path | None = None,
+                 near_duplicates: bool = False) -> None:
         from ragkv.middleware.engine import ContextEngine, EngineConfig
 
         self.loaded = loaded
         self.info: ModelInfo = loaded.info
         self.adapter = make_adapter(loaded)
         self.store = store
-        self.engine = ContextEngine(self.adapter, store, engine_config or EngineConfig())
+        if engine_config is None:
+            engine_config = EngineConfig(near_duplicates=NearDuplicateConfig(enabled=near_duplicates))
+        self.engine = ContextEngine(self.adapter, store, engine_config)
+        if self.engine.near_duplicates.enabled:  # what earlier processes stored can be a near-duplicate too
+            self.engine.near_duplicates.index_store()
         # what ``ragkv calibrate`` saved for this model (default: in the models directory); blend and auto use it
         # and the transform codec's basis, whose bytes the store keeps
         self.transform_basis: TransformBasis | None = None
@@ -236,6 +242,12 @@ class RagRuntime:
         return {"target": calibration.target, "prompts": calibration.prompts,
                 "choice": choice.name if choice else None, "agreement": choice.agreement if choice else None,
                 "default_blend": "calibrated choice" if choice else "every row recomputed (no candidate met the target)"}
+
+    def near_duplicate_summary(self) -> dict[str, Any]:
+        """Whether misses are repaired from stored near-duplicates, how many chunks are indexed, repairs made."""
+        near = self.engine.near_duplicates
+        return {"enabled": near.enabled, "indexed": len(near.index), "hits": near.hits,
+                "similarity": near.config.similarity, "min_reused": near.config.min_reused}
 
     def codec_calibration_summary(self) -> dict[str, Any] | None:
         """The transform basis this model's chunks are coded with by default, or None when none is in use."""

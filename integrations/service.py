@@ -44,6 +44,7 @@ class ServiceConfig:
     model: str | None = None  # a local HF model directory; None: the bundled model
     dtype: str | None = None
     device: str | None = "auto"  # auto: the GPU when there is one, else the CPU
+    near_duplicates: bool = False  # repair misses from stored near-duplicate chunks
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys_file: str | None = None  # None: open access as tenant 'default' (loopback only)
@@ -130,6 +131,7 @@ def build_state(config: ServiceConfig, runtime: RagRuntime | None = None, out: T
                 else TenantRegistry.open_access())
     if runtime is None:
         runtime = RagRuntime.open(config.store, config.model, dtype=config.dtype, device=config.device,
+                                  near_duplicates=config.near_duplicates,
                                   max_waiting=config.limits.max_waiting)
     state = ServiceState(runtime=runtime, registry=registry, limits=config.limits)
     if config.sample:

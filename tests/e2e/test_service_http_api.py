@@ -176,6 +176,7 @@ def test_stats_metrics_and_status_page(service: Any, alice: httpx.Client) -> Non
     assert stats["tenant"] == "alice" and stats["namespace"] == "alice"
     assert set(stats["store"]["tiers"]) == {"host", "disk"} and stats["service"]["answers"] >= 1
     assert stats["calibration"] == service.state.runtime.calibration_summary()  # None unless `ragkv calibrate` ran
+    assert stats["near_duplicates"]["enabled"] is False and stats["near_duplicates"]["hits"] == 0  # off by default
     with service.client(None) as anonymous:
         metrics = anonymous.get("/metrics")
         page = anonymous.get("/")

@@ -101,3 +101,12 @@ def test_a_runtime_in_bfloat16_on_cpu_answers_through_the_batch() -> None:
         answer = runtime.answer(AnswerRequest(query="Q k1 ?", documents=[Document(text="k1 v2 ; the k3 v4 ;")],
                                               generation=GenerationOptions(max_new_tokens=3)))
         assert answer.completion_tokens >= 1
+
+
+def test_serving_options_parse() -> None:
+    from ragkv.integrations.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--dtype", "bfloat16", "--near-duplicates"])
+    assert (args.device, args.dtype, args.near_duplicates) == ("cpu", "bfloat16", True)
+    defaults = build_parser().parse_args(["serve"])
+    assert (defaults.device, defaults.near_duplicates) == ("auto", False)

@@ -184,3 +184,24 @@ def test_a_request_not_started_in_time_is_refused(tiny_loaded: Any) -> None:
         assert runtime.waiting == 0  # the refused request left the queue
         release.set()
         holder.join(10)
+
+
+def test_near_duplicate_documents_are_reported_in_answers_and_stats(tiny_loaded: Any) -> None:
+    from ragkv.integrations.runtime import RagRuntime
+    from ragkv.kvstore import TieredStore
+
+    store = TieredStore("host:64MB")
+    text = " ".join(f"k{i % 60} v{(i * 7) % 60} ;" for i in range(40))
+    with RagRuntime(tiny_loaded, store, near_duplicates=True, use_calibration=False) as runtime:
+        runtime.warm([text], "alice")
+        edited = text.replace("k5 v35", "k6 v35", 1)
+        answer = runtime.answer(_request("alice", "Q k5 ?", [Document(text=edited)], strategy="reuse"))
+        doc = answer.documents[0]
+        assert doc.source == "near-duplicate" and doc.near_duplicate_of == runtime.key_for(text, "alice")
+        assert 0 < doc.repaired_tokens < doc.tokens
+        summary = runtime.near_duplicate_summary()
+        assert summary["enabled"] and summary["hits"] == 1 and summary["indexed"] == 2
+    with RagRuntime(tiny_loaded, store, near_duplicates=True, use_calibration=False) as again:
+        assert again.near_duplicate_summary()["indexed"] == 2  # rebuilt from the stored chunks
+    with RagRuntime(tiny_loaded, store, own_store=True, use_calibration=False) as plain:
+        assert plain.near_duplicate_summary() == {**plain.near_duplicate_summary(), "enabled": False, "indexed": 0}
