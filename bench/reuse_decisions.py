@@ -34,7 +34,13 @@ from ragkv.middleware.near_duplicate_reuse import NearDuplicateConfig
 
 AGREEMENT_TOKENS = 16
 FRACTIONS = (0.01, 0.05, 0.2)
-PATHS = ("full", "miss", "near-duplicate")
+NEAR = "near-duplicate"
+DEFAULT_NEAR = NearDuplicateConfig(enabled=True)
+VARIANTS = {  # the repair budget at 5 % edits: (neighbours, ratio of the other kept rows by K deviation)
+    "near, neighbours 0, ratio 0": NearDuplicateConfig(enabled=True, neighbours=0, ratio=0.0),
+    "near, neighbours 2, ratio 0": NearDuplicateConfig(enabled=True, neighbours=2, ratio=0.0),
+    "near, neighbours 4, ratio 0.3": NearDuplicateConfig(enabled=True, neighbours=4, ratio=0.3),
+}
 
 
 def edit_tokens(ids: Sequence[int], fraction: float, pool: Sequence[int], rng: random.Random) -> list[int]:
@@ -52,40 +58,45 @@ def edit_tokens(ids: Sequence[int], fraction: float, pool: Sequence[int], rng: r
     return out
 
 
-def run(engine: ContextEngine, questions: Sequence[Any], fraction: float, seed: int) -> dict[str, Any]:
+def run(engine: ContextEngine, questions: Sequence[Any], fraction: float, seed: int,
+        near: dict[str, NearDuplicateConfig]) -> dict[str, Any]:
+    """Every question through full, miss and each near-duplicate config in ``near`` (the first is the default)."""
     cacher = engine.cacher
     rng = random.Random(seed)
     generation = GenerationConfig(max_new_tokens=AGREEMENT_TOKENS)
-    rows: dict[str, dict[str, list[Any]]] = {p: {"ttft": [], "tokens": [], "correct": []} for p in PATHS}
-    repaired: list[float] = []
+    paths = ["full", "miss", *near]
+    rows: dict[str, dict[str, list[Any]]] = {p: {"ttft": [], "tokens": [], "correct": []} for p in paths}
+    repaired: dict[str, list[float]] = {name: [] for name in near}
     for qi, q in enumerate(questions):
         docs = [cacher.tokens(d) for d in q.documents]
         target = q.needed[0]
         pool = [t for i, d in enumerate(docs) if i != target for t in d]
         edited = list(docs)
         edited[target] = edit_tokens(docs[target], fraction, pool, rng)
-        for path in PATHS:
-            namespace = f"q{qi}-{path.replace('-', '')}-{int(fraction * 100)}"
-            engine.near_duplicates.config = NearDuplicateConfig(enabled=path == "near-duplicate")
+        for pi, path in enumerate(paths):
+            namespace = f"q{qi}-p{pi}-{int(fraction * 100)}"
+            engine.near_duplicates.config = near.get(path, NearDuplicateConfig())
             if path != "full":
                 engine.warm(docs, namespace=namespace)  # the originals are stored (and indexed when enabled)
             request = PrepareRequest(query=q.question, chunks=edited, namespace=namespace)
             start = time.perf_counter()
             prepared = engine.prepare(request, "full" if path == "full" else None)
             rows[path]["ttft"].append(time.perf_counter() - start)
-            if path == "near-duplicate":
+            if path in near:
                 info = prepared.chunks[target]
-                repaired.append(info.repaired_tokens / info.num_tokens if info.source == "near-duplicate" else 1.0)
+                repaired[path].append(info.repaired_tokens / info.num_tokens if info.source == NEAR else 1.0)
             result = engine.generate(prepared, generation)
             rows[path]["tokens"].append(list(result.token_ids)[:AGREEMENT_TOKENS])
             rows[path]["correct"].append(q.answer.lower() in result.text.lower())
-    full = rows["full"]
-    out: dict[str, Any] = {"repaired_fraction": median(repaired), "near_duplicate_hits": sum(r < 1.0 for r in repaired)}
-    for path in PATHS:
+    full, miss = rows["full"], rows["miss"]
+    out: dict[str, Any] = {}
+    for path in paths:
         r = rows[path]
         out[path] = {"ttft_s": median(r["ttft"]), "ttft_vs_full": median([a / b for a, b in zip(r["ttft"], full["ttft"])]),
                      "agreement": _agree(r["tokens"], full["tokens"]), "accuracy": sum(r["correct"]) / len(r["correct"])}
-    out["near_vs_miss_agreement"] = _agree(rows["near-duplicate"]["tokens"], rows["miss"]["tokens"])
+        if path in near:
+            out[path].update(vs_miss=_agree(r["tokens"], miss["tokens"]), repaired=median(repaired[path]),
+                             hits=sum(x < 1.0 for x in repaired[path]))
     return out
 
 
@@ -104,30 +115,30 @@ def main() -> None:
         questions = [fidelity_set.Question(("k1 v2 ; the k3 v4 ; see k5 v6 ;", "k7 v8 ; the k9 v10 ;"),
                                            "Q k3 ?", "v4", "single", (0,))] * n
     engine.prepare(PrepareRequest(query=questions[0].question, chunks=list(questions[0].documents)), "full")  # warm-up
-    results = {f: run(engine, questions, f, seed=int(f * 1000)) for f in FRACTIONS}
+    results = {f: run(engine, questions, f, seed=int(f * 1000),
+                      near={NEAR: DEFAULT_NEAR, **(VARIANTS if f == 0.05 else {})}) for f in FRACTIONS}
     report.setup = {"model": f"{loaded.info.label} (real weights), float32, CPU" if not args.quick else "toy",
                     "questions": f"{n} planted-fact questions (bench/data/fidelity_set.jsonl); the needed document "
                                  "edited at token level (replace / insert / delete, tokens of the other documents)",
                     "paths": "full prefill; default strategy (blend) with the edit as a miss; the same with "
-                             "near-duplicate repair (NearDuplicateConfig defaults: neighbours 2, ratio 0.1, "
-                             "check layers 2-3)",
+                             "near-duplicate repair (NearDuplicateConfig defaults: similarity 0.5, min_reused 0.8, "
+                             "neighbours 2, ratio 0.1, check layers 2-3; at 5 % also other repair budgets)",
                     "ttft": "prepare time, one cold run per question and path, median over questions",
                     "agreement": f"first {AGREEMENT_TOKENS} greedy tokens identical to full prefill's"}
     report.table("edited documents: near-duplicate repair vs a miss (medians over questions)",
                  ["edit share", "path", "TTFT s", "TTFT vs full", "agreement vs full", "accuracy",
-                  "near vs miss agreement", "repaired share"],
-                 [[f"{int(f * 100)}%", path, r[path]["ttft_s"], r[path]["ttft_vs_full"], r[path]["agreement"],
-                   r[path]["accuracy"], r["near_vs_miss_agreement"] if path == "near-duplicate" else None,
-                   r["repaired_fraction"] if path == "near-duplicate" else None]
-                  for f, r in results.items() for path in PATHS])
+                  "agreement vs miss", "repaired share (median)", "near-duplicate hits"],
+                 [[f"{int(f * 100)}%", path, v["ttft_s"], v["ttft_vs_full"], v["agreement"], v["accuracy"],
+                   v.get("vs_miss"), v.get("repaired"), v.get("hits")]
+                  for f, r in results.items() for path, v in r.items()])
     for f, r in results.items():
         pct = int(f * 100)
-        report.figure(f"near_dup_{pct}pct_ttft_vs_full", r["near-duplicate"]["ttft_vs_full"])
-        report.figure(f"near_dup_{pct}pct_agreement", r["near-duplicate"]["agreement"])
-        report.figure(f"near_dup_{pct}pct_vs_miss_agreement", r["near_vs_miss_agreement"])
+        report.figure(f"near_dup_{pct}pct_ttft_vs_full", r[NEAR]["ttft_vs_full"])
+        report.figure(f"near_dup_{pct}pct_agreement", r[NEAR]["agreement"])
+        report.figure(f"near_dup_{pct}pct_vs_miss_agreement", r[NEAR]["vs_miss"])
+        report.figure(f"near_dup_{pct}pct_hits", r[NEAR]["hits"])
         report.figure(f"miss_{pct}pct_ttft_vs_full", r["miss"]["ttft_vs_full"])
         report.figure(f"miss_{pct}pct_agreement", r["miss"]["agreement"])
-        report.figure(f"near_dup_{pct}pct_hits", r["near_duplicate_hits"])
     report.note("chunk abstracts (LeoAM) are not built yet: no abstracts_* figures")
     report.write()
 
