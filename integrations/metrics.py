@@ -4,7 +4,8 @@ decode batch sizes, Prometheus text.
 
 Why hand-rolled: a dozen counters do not justify a dependency, and every label set here is bounded by
 construction (route templates, never raw paths; methods and status codes; tier names; three cache states;
-tenants from the keys file; two answering endpoints), so the metrics cannot grow with traffic. Recent TTFTs live in a fixed-size ring for the status page.
+tenants from the keys file; two answering endpoints), so the metrics cannot grow with traffic. Recent TTFTs
+live in a fixed-size ring for the status page.
 """
 from __future__ import annotations
 
@@ -214,10 +215,10 @@ class Metrics:
             family("ragkv_ttft_seconds", "histogram",
                    "Time to first token of answers, by cache state of their documents (warm, cold, mixed, none).")
             histogram("ragkv_ttft_seconds", "cache", self.ttft)
-            by = ("tenant", "endpoint") if per_tenant else "endpoint"
-            family("ragkv_answers_total", "counter", f"Answers by {' and '.join(by) if per_tenant else by}.")
+            by = ("tenant", "endpoint") if per_tenant else ("endpoint",)
+            family("ragkv_answers_total", "counter", f"Answers by {' and '.join(by)}.")
             for key, n in sorted(_by_endpoint(self.answers_by, per_tenant).items()):
-                lines.append(f"ragkv_answers_total{_labels(dict(zip(by, key)) if per_tenant else {by: key})} {n}")
+                lines.append(f"ragkv_answers_total{_labels(dict(zip(by, key)))} {n}")
             family("ragkv_answer_ttft_seconds", "histogram", "Time to first token from joining the model queue.")
             histogram("ragkv_answer_ttft_seconds", by, _by_endpoint(self.answer_ttft, per_tenant))
             family("ragkv_answer_tokens_per_second", "histogram",
@@ -267,17 +268,16 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _by_endpoint(series: Mapping[tuple[str, str], Any], per_tenant: bool) -> dict[Any, Any]:
-    """Series keyed (tenant, endpoint) as they are, or summed over tenants and keyed by endpoint."""
+def _by_endpoint(series: Mapping[tuple[str, str], Any], per_tenant: bool) -> dict[tuple[str, ...], Any]:
+    """Series keyed (tenant, endpoint) as they are, or summed over tenants and keyed (endpoint,)."""
     if per_tenant:
         return dict(series)
-    out: dict[str, Any] = {}
+    out: dict[tuple[str, ...], Any] = {}
     for (_, endpoint), value in series.items():
         if isinstance(value, Histogram):
-            merged = out.setdefault(endpoint, Histogram(value.buckets))
-            merged.add(value)
+            out.setdefault((endpoint,), Histogram(value.buckets)).add(value)
         else:
-            out[endpoint] = out.get(endpoint, 0) + value
+            out[(endpoint,)] = out.get((endpoint,), 0) + value
     return out
 
 

@@ -9,6 +9,7 @@ growing without bound. Store-only work (chunk get/put, key checks) never waits f
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,9 @@ class RagRuntime:
             fingerprint = str(self.adapter.fingerprint)
             self.engine.use_calibration(load_calibration(folder, fingerprint))
             self.transform_basis = use_codec_calibration(load_codec_calibration(folder, fingerprint))
-        config = scheduler or SchedulerConfig()
         overrides = {"max_waiting": max_waiting, "wait_timeout_s": wait_timeout_s}
-        config = SchedulerConfig(**{**config.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        config = dataclasses.replace(scheduler or SchedulerConfig(),
+                                     **{k: v for k, v in overrides.items() if v is not None})
         self.scheduler = Scheduler(self.adapter, config)
         self.max_waiting = config.max_waiting
         self._own_store = own_store

@@ -209,10 +209,8 @@ class SequenceDecoder:
         self.position += 1
 
 
-def _events(adapter: ModelAdapter, prepared: PreparedContext, config: GenerationConfig, t0: float,
-            decoder_out: list[SequenceDecoder]) -> Iterator[TokenEvent]:
-    decoder = SequenceDecoder(adapter, prepared, config, t0)
-    decoder_out.append(decoder)
+def _events(adapter: ModelAdapter, prepared: PreparedContext, decoder: SequenceDecoder) -> Iterator[TokenEvent]:
+    """``decoder``'s events, each model step run alone with the model's own forward on the prepared cache."""
     logits = prepared.logits
     while True:
         yield from decoder.step(logits)
@@ -239,18 +237,19 @@ def generate(adapter: ModelAdapter, prepared: PreparedContext, config: Generatio
     """Decode from ``prepared``; ``on_token`` receives every token (and any text it releases) as it comes."""
     prepare_s = float(prepared.timings.get("total", 0.0))
     t0 = time.perf_counter() - prepare_s  # clock starts when prepare started
-    decoders: list[SequenceDecoder] = []
-    for event in _events(adapter, prepared, config, t0, decoders):
+    decoder = SequenceDecoder(adapter, prepared, config, t0)
+    for event in _events(adapter, prepared, decoder):
         if on_token is not None:
             on_token(event)
-    return result_of(decoders[0], prepared, prepare_s, time.perf_counter() - t0)
+    return result_of(decoder, prepared, prepare_s, time.perf_counter() - t0)
 
 
 def stream(adapter: ModelAdapter, prepared: PreparedContext, config: GenerationConfig = GenerationConfig()
            ) -> Iterator[str]:
     """Yield the generated text piece by piece (never a piece of a stop string)."""
     prepare_s = float(prepared.timings.get("total", 0.0))
-    for event in _events(adapter, prepared, config, time.perf_counter() - prepare_s, []):
+    decoder = SequenceDecoder(adapter, prepared, config, time.perf_counter() - prepare_s)
+    for event in _events(adapter, prepared, decoder):
         if event.text:
             yield event.text
 

@@ -119,9 +119,16 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="ragkv-scheduler", daemon=True)
             self._thread.start()
 
-    def _refuse_if_closed(self) -> None:
-        if self._closed:
-            raise Overloaded("the scheduler is shut down")
+    def _enqueue(self, waiting: list[Any] | deque[Any], job: Any, limit: int, what: str) -> None:
+        """Queue ``job`` for the worker; ``Overloaded`` when shut down or ``limit`` jobs already wait there."""
+        with self._cond:
+            if self._closed:
+                raise Overloaded("the scheduler is shut down")
+            if len(waiting) >= limit:
+                raise Overloaded(f"{len(waiting)} {what} are already waiting; retry later")
+            waiting.append(job)
+            self._start_worker()
+            self._cond.notify()
 
     def generate(self, prepare: Callable[[], PreparedContext], config: GenerationConfig, *,
                  cached_fraction: float = 0.0, on_token: Callable[[TokenEvent], None] | None = None
@@ -130,13 +137,7 @@ class Scheduler:
         ``prepare`` raised, ``Overloaded`` when the queue is full or the job did not start in time; an exception
         from ``on_token`` cancels the job and propagates."""
         job = _GenerateJob(prepare, config, cached_fraction, time.monotonic())
-        with self._cond:
-            self._refuse_if_closed()
-            if len(self._pending) >= self.config.max_waiting:
-                raise Overloaded(f"{len(self._pending)} model requests are already waiting; retry later")
-            self._pending.append(job)
-            self._start_worker()
-            self._cond.notify()
+        self._enqueue(self._pending, job, self.config.max_waiting, "model requests")
         try:
             return self._relay(job, on_token)
         except BaseException:
@@ -170,13 +171,7 @@ class Scheduler:
         job = _WarmJob(deque(units))
         if not job.units:
             return []
-        with self._cond:
-            self._refuse_if_closed()
-            if len(self._warm) >= self.config.max_warm_waiting:
-                raise Overloaded(f"{len(self._warm)} warm jobs are already waiting; retry later")
-            self._warm.append(job)
-            self._start_worker()
-            self._cond.notify()
+        self._enqueue(self._warm, job, self.config.max_warm_waiting, "warm jobs")
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -232,7 +227,7 @@ class Scheduler:
 
     def _take_next(self) -> _GenerateJob | None:
         with self._cond:
-            self._pending = [j for j in self._pending if not j.cancelled.is_set()]
+            self._pending[:] = [j for j in self._pending if not j.cancelled.is_set()]  # in place: _enqueue holds it
             if not self._pending:
                 return None
             job = pick_next(self._pending, time.monotonic(), self.config.aging_s)
