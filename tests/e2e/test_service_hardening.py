@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import torch
+from unique_text import unique_words
 
 from ragkv.codecs import get_codec
 from ragkv.kvstore import ChunkKV, encode_entry, read_header
@@ -23,7 +24,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 
 
 def _text(tag: str) -> str:
-    return f"k{uuid.uuid4().int % 64} v{uuid.uuid4().int % 64} ; {tag} {uuid.uuid4().hex[:8]}"
+    return f"k{uuid.uuid4().int % 64} v{uuid.uuid4().int % 64} ; {tag} {unique_words()}"
 
 
 def _tampered(blob: bytes, keep_key: bool = True) -> bytes:

@@ -8,13 +8,14 @@ from typing import Any
 
 import httpx
 import pytest
+from unique_text import unique_words
 
 from ragkv.kvstore import read_header
 
 
 def _texts(n: int = 3) -> list[str]:
     tag = uuid.uuid4().int % 50
-    fresh = uuid.uuid4().hex[:8]  # unique per call, so first requests are cold (tag alone repeats: 1 in 50)
+    fresh = unique_words()  # unique per call, so first requests are cold (tag alone repeats: 1 in 50)
     return [f"k{(tag + i) % 64} v{(tag * 3 + i) % 64} ; the k{(tag + 7 * i + 1) % 64} v{i} ; see {fresh}"
             for i in range(n)]
 

@@ -7,12 +7,13 @@ from typing import Any
 
 import httpx
 import pytest
+from unique_text import unique_words
 
 OCTET = {"content-type": "application/octet-stream"}
 
 
 def _private_chunk(client: httpx.Client) -> tuple[str, str, bytes]:
-    text = f"k{uuid.uuid4().int % 64} v{uuid.uuid4().int % 64} ; private to its owner {uuid.uuid4().hex[:6]}"
+    text = f"k{uuid.uuid4().int % 64} v{uuid.uuid4().int % 64} ; private to its owner {unique_words()}"
     key = client.post("/v1/warm", json={"texts": [text]}).json()["keys"][0]
     blob = client.get(f"/v1/chunks/{key}").content
     return text, key, blob
@@ -63,7 +64,7 @@ def test_key_tricks_never_return_another_tenants_chunk(alice: httpx.Client, bob:
 
 
 def test_shared_namespace_publish_read_and_admin_delete(service: Any, alice: httpx.Client, bob: httpx.Client) -> None:
-    text = f"k3 v{uuid.uuid4().int % 64} ; published {uuid.uuid4().hex[:6]}"
+    text = f"k3 v{uuid.uuid4().int % 64} ; published {unique_words()}"
     published = alice.post("/v1/warm", json={"texts": [text], "shared": True}).json()
     key = published["keys"][0]
     assert published["namespace"] == "shared" and key.startswith("shared:")
