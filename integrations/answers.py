@@ -96,6 +96,7 @@ class DocumentReport:
     load_ms: float = 0.0
     near_duplicate_of: str | None = None  # the stored chunk a miss was repaired from
     repaired_tokens: int = 0
+    abstract_gap: float | None = None  # how far its abstract's bound stayed below the best chunk's (<= 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +152,7 @@ def answer_from(result: Any, prepared: Any, prompt_tokens: int) -> Answer:
     reports = [DocumentReport(index=c.index, key=c.key, tokens=c.num_tokens, hit=bool(c.hit), tier=c.tier,
                               codec=c.codec, source=c.source, recomputed_tokens=int(c.recomputed_tokens),
                               near_duplicate_of=c.near_duplicate_of, repaired_tokens=int(c.repaired_tokens),
+                              abstract_gap=c.abstract_gap,
                               load_ms=float(c.load_seconds) * 1e3) for c in prepared.chunks]
     return Answer(text=result.text, finish_reason=result.finish_reason, strategy=result.strategy,
                   ttft_s=result.ttft_s, total_s=result.total_s, timings_ms=timings, documents=reports,

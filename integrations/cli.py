@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ragkv.kvstore import ChunkKV, ChunkMeta, RagKVError, TieredStore, chunk_key
+from ragkv.middleware.abstract_selection import AbstractsConfig
 
 
 def _open(spec: str | None) -> TieredStore:
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--near-duplicates", action="store_true",
                        help="repair a missing document from a stored near-duplicate (an edited copy) instead of "
                             "computing it; off by default")
+    serve.add_argument("--abstracts", action="store_true",
+                       help="store a key abstract beside each chunk and leave out of a prompt the documents whose "
+                            "attention bound is far below the others' (never fetched); off by default")
+    serve.add_argument("--abstract-threshold", type=float, default=AbstractsConfig.threshold, metavar="GAP",
+                       help="leave out a document whose mean bound gap is below -GAP (natural-log units; default "
+                            "%(default)s)")
     serve.add_argument("--api-keys", default=None, metavar="FILE",
                        help="JSON/TOML file mapping API keys to tenants (default: open, one tenant, loopback only)")
     serve.add_argument("--max-chunk-bytes", type=int, default=256 << 20, help="largest chunk blob a PUT may send")

@@ -26,7 +26,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_documents=args.max_documents, max_new_tokens=args.max_new_tokens,
                            max_waiting=args.max_waiting)
     config = ServiceConfig(store=args.store, model=args.model, dtype=args.dtype, device=args.device, host=args.host,
-                           port=args.port, near_duplicates=args.near_duplicates,
+                           port=args.port, near_duplicates=args.near_duplicates, abstracts=args.abstracts,
+                           abstract_threshold=args.abstract_threshold,
                            api_keys_file=args.api_keys, limits=limits, sample=not args.no_sample,
                            allow_open_remote=args.allow_open_remote, log_level=args.log_level)
     return serve(config)

@@ -31,6 +31,8 @@ from ragkv.integrations.models import LoadedModel, ModelInfo, load_model, make_a
 from ragkv.integrations.strategy_params import config_from_params
 from ragkv.kvstore import ChunkKV, ModelMismatch, TieredStore, check_key, key_namespace
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.abstract_selection import AbstractsConfig
+from ragkv.middleware.abstracts import abstract_key
 from ragkv.middleware.calibration import load_calibration
 from ragkv.middleware.codec_calibration import load_codec_calibration, use_codec_calibration
 from ragkv.middleware.model_registry import models_dir
@@ -50,7 +52,7 @@ class RagRuntime:
                  own_store: bool = False, engine_config: Any = None,
                  max_chunk_tokens: int = 4096, max_context_tokens: int | None = None,
                  use_calibration: bool = True, calibration_dir: str | Path | None = None,
-                 near_duplicates: bool = False) -> None:
+                 near_duplicates: bool = False, abstracts: bool | AbstractsConfig = False) -> None:
         from ragkv.middleware.engine import ContextEngine, EngineConfig
 
         self.loaded = loaded
@@ -58,7 +60,10 @@ class RagRuntime:
         self.adapter = make_adapter(loaded)
         self.store = store
         if engine_config is None:
-            engine_config = EngineConfig(near_duplicates=NearDuplicateConfig(enabled=near_duplicates))
+            if not isinstance(abstracts, AbstractsConfig):
+                abstracts = AbstractsConfig(enabled=bool(abstracts))
+            engine_config = EngineConfig(near_duplicates=NearDuplicateConfig(enabled=near_duplicates),
+                                         abstracts=abstracts)
         self.engine = ContextEngine(self.adapter, store, engine_config)
         if self.engine.near_duplicates.enabled:  # what earlier processes stored can be a near-duplicate too
             self.engine.near_duplicates.index_store()
@@ -249,6 +254,21 @@ class RagRuntime:
         near = self.engine.near_duplicates
         return {"enabled": near.enabled, "indexed": len(near.index), "hits": near.hits,
                 "similarity": near.config.similarity, "min_reused": near.config.min_reused}
+
+    def abstracts_summary(self) -> dict[str, Any]:
+        """Whether chunk abstracts leave chunks out, with what threshold, and how many were written, read and
+        left out (process-wide counts)."""
+        return self.engine.abstracts.summary()
+
+    def delete_chunk(self, key: str) -> bool:
+        """Delete a chunk from every tier, with its abstract; True when the chunk was stored."""
+        removed = self.store.delete(key)
+        try:
+            self.store.delete(abstract_key(key))
+        except ConfigError:  # a key too long to have an abstract
+            pass
+        self.engine.abstracts.forget([key])
+        return removed
 
     def codec_calibration_summary(self) -> dict[str, Any] | None:
         """The transform basis this model's chunks are coded with by default, or None when none is in use."""

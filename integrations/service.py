@@ -26,6 +26,7 @@ from ragkv.integrations.runtime import RagRuntime
 from ragkv.integrations.service_http import ServiceLimits
 from ragkv.integrations.tenants import OPEN_TENANT, TenantRegistry
 from ragkv.kvstore import SHARED_NAMESPACE, ConfigError
+from ragkv.middleware.abstract_selection import AbstractsConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ServiceConfig:
     dtype: str | None = None
     device: str | None = "auto"  # auto: the GPU when there is one, else the CPU
     near_duplicates: bool = False  # repair misses from stored near-duplicate chunks
+    abstracts: bool = False  # store chunk abstracts and leave out the chunks far below the others
+    abstract_threshold: float = AbstractsConfig.threshold
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys_file: str | None = None  # None: open access as tenant 'default' (loopback only)
@@ -132,6 +135,8 @@ def build_state(config: ServiceConfig, runtime: RagRuntime | None = None, out: T
     if runtime is None:
         runtime = RagRuntime.open(config.store, config.model, dtype=config.dtype, device=config.device,
                                   near_duplicates=config.near_duplicates,
+                                  abstracts=AbstractsConfig(enabled=config.abstracts,
+                                                            threshold=config.abstract_threshold),
                                   max_waiting=config.limits.max_waiting)
     state = ServiceState(runtime=runtime, registry=registry, limits=config.limits)
     if config.sample:

@@ -340,6 +340,7 @@ def create_app(state: ServiceState) -> FastAPI:
                 "calibration": runtime.calibration_summary(),
                 "codec_calibration": runtime.codec_calibration_summary(),
                 "near_duplicates": runtime.near_duplicate_summary(),
+                "abstracts": runtime.abstracts_summary(),
                 "usage": {**usage, "quota_bytes": tenant.quota_bytes, "pinned_quota_bytes": tenant.pinned_quota_bytes},
                 "tenant_metrics": metrics.tenant_snapshot(None if tenant.admin else tenant.name)}
 

@@ -103,7 +103,7 @@ def add_chunk_routes(app: FastAPI, runtime: RagRuntime, metrics: Metrics, quotas
         key = checked_key(key)
         if not tenant.can_delete(key):
             raise Forbidden(f"chunks of {key.split(':')[0]!r} cannot be deleted with this API key")
-        removed = await anyio.to_thread.run_sync(runtime.store.delete, key)
+        removed = await anyio.to_thread.run_sync(runtime.delete_chunk, key)
         if not removed:
             raise NotFound(f"chunk {key} is not in the store")
         return Response(status_code=204)

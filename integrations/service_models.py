@@ -120,11 +120,13 @@ class DocumentOutcome(BaseModel):
     hit: bool = Field(description="Served from the store")
     tier: str | None
     codec: str | None
-    source: str = Field(description="store | computed | near-duplicate | prefix | text | dropped")
+    source: str = Field(description="store | computed | near-duplicate | prefix | text | dropped | skipped")
     recomputed_tokens: int
     load_ms: float
     near_duplicate_of: str | None = Field(default=None, description="the stored chunk a miss was repaired from")
     repaired_tokens: int = Field(default=0, description="tokens computed when repairing a near-duplicate")
+    abstract_gap: float | None = Field(default=None, description="how far the chunk's abstract bound stayed below "
+                                       "the best chunk's (<= 0); a chunk below the threshold is skipped, not fetched")
 
 
 class Usage(BaseModel):

@@ -10,15 +10,37 @@ true maximum (tested).
 
 Why the query, not the abstract, is rotated: a rotation mixes the two channels of a pair, so the min/max box
 of rotated keys is not the rotated box; rotating the query is exact. An abstract is ``2 * L * H * D`` floats
-(SmolLM2: 30 x 3 x 64 x 2 x 4 bytes = 46 KB in float32), whatever the chunk's length.
+for the L layers it covers (SmolLM2, the first 8 layers: 8 x 3 x 64 x 2 x 4 bytes = 12 KB in float32), whatever
+the chunk's length.
+
+Stored, an abstract is its own small entry beside its chunk, under ``<chunk key>.abstract`` (same namespace,
+so tenants stay apart): a one-row container whose keys are the minima and values the maxima, float32, written
+with the lossless ``raw`` codec (a lossy codec would break the bound; an entry some tier re-encoded lossily
+reads as absent).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ragkv.kvstore.chunk import ChunkKV, ChunkMeta, check_key
+from ragkv.kvstore.errors import CorruptEntry
 from ragkv.middleware.rope import delta_cos_sin, rotate_half
+
+ABSTRACT_SUFFIX = ".abstract"
+ABSTRACT_KIND = "abstract"
+ABSTRACT_VERSION = 1
+
+
+def abstract_key(chunk_key: str) -> str:
+    """The key of a chunk's abstract: ``<chunk key>.abstract`` (``ConfigError`` when that is too long a key)."""
+    return check_key(check_key(chunk_key) + ABSTRACT_SUFFIX)
+
+
+def is_abstract_key(key: str) -> bool:
+    return key.endswith(ABSTRACT_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -26,6 +48,7 @@ class ChunkAbstract:
     kmin: torch.Tensor  # [L, H, D] float32
     kmax: torch.Tensor  # [L, H, D] float32
     position: int  # position of the chunk's first token when its keys were computed
+    num_tokens: int  # tokens of the chunk
 
     @classmethod
     def from_kv(cls, kv: torch.Tensor, position: int) -> ChunkAbstract:
@@ -33,7 +56,37 @@ class ChunkAbstract:
         if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] == 0:
             raise ValueError(f"kv must be [layers, 2, kv_heads, tokens >= 1, head_dim], got {tuple(kv.shape)}")
         keys = kv[:, 0].to(torch.float32)  # [L, H, T, D]
-        return cls(keys.amin(dim=2), keys.amax(dim=2), position)
+        return cls(keys.amin(dim=2).cpu(), keys.amax(dim=2).cpu(), position, int(kv.shape[3]))
+
+    @property
+    def num_layers(self) -> int:
+        return self.kmin.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.kmin.numel() * self.kmin.element_size()
+
+    def to_chunk(self, fingerprint: str) -> ChunkKV:
+        """The stored form: a one-row entry, keys = minima, values = maxima, float32."""
+        kv = torch.stack((self.kmin, self.kmax), dim=1)[:, :, :, None, :].contiguous()  # [L, 2, H, 1, D]
+        meta = ChunkMeta(fingerprint=fingerprint, token_ids=(0,), position=self.position, dtype="float32",
+                         rope=False, extra={"kind": ABSTRACT_KIND, "version": ABSTRACT_VERSION,
+                                            "tokens": self.num_tokens})
+        return ChunkKV(kv, meta)
+
+    @classmethod
+    def from_chunk(cls, chunk: ChunkKV) -> ChunkAbstract:
+        """The inverse of ``to_chunk``; ``CorruptEntry`` for anything that is not a well-formed abstract."""
+        extra, kv = chunk.meta.extra, chunk.kv
+        tokens = extra.get("tokens")
+        if extra.get("kind") != ABSTRACT_KIND or extra.get("version") != ABSTRACT_VERSION:
+            raise CorruptEntry("not a chunk abstract of a known version")
+        if type(tokens) is not int or tokens < 1 or kv.shape[3] != 1 or kv.dtype != torch.float32:
+            raise CorruptEntry("a chunk abstract needs one float32 row and a positive token count")
+        kmin, kmax = kv[:, 0, :, 0], kv[:, 1, :, 0]
+        if not bool(torch.isfinite(kv).all()) or bool((kmin > kmax).any()):
+            raise CorruptEntry("a chunk abstract's minima must be finite and not above its maxima")
+        return cls(kmin.contiguous(), kmax.contiguous(), chunk.meta.position, tokens)
 
     def bound(self, layer: int, q: torch.Tensor, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
         """Upper bound of ``q · k`` over the chunk's keys with its first token at ``start``.
@@ -52,5 +105,11 @@ class ChunkAbstract:
         kmax = self.kmax[layer].repeat_interleave(rep, dim=0)[:, None, :]
         return torch.maximum(q_back * kmin, q_back * kmax).sum(dim=-1)
 
+    def log_mass_bound(self, layer: int, q: torch.Tensor, start: int, inv_freq: torch.Tensor, scale: float
+                       ) -> torch.Tensor:
+        """Upper bound of the log of the chunk's unnormalised attention mass, ``log sum_k exp(scale * q · k)``
+        <= ``log T + scale * bound``: [Hq, R] float32."""
+        return self.bound(layer, q, start, inv_freq) * scale + math.log(self.num_tokens)
 
-__all__ = ["ChunkAbstract"]
+
+__all__ = ["ABSTRACT_SUFFIX", "ChunkAbstract", "abstract_key", "is_abstract_key"]

@@ -311,12 +311,14 @@ class ModelAdapter:
     # -- whole passes ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, start_position: int = 0, past: torch.Tensor | None = None,
-                observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> PrefillOutput:
+                observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                layers: int | None = None) -> PrefillOutput:
         """Compute ``ids`` [B, T] at positions ``start_position ..``, after ``past`` KV [L, 2, B, H, P, D] that
         holds positions ``0 .. P-1`` (so ``start_position`` must be P when ``past`` is given).
-        ``observe(layer, q, k)`` sees each layer's new queries and keys (before attention).
+        ``observe(layer, q, k)`` sees each layer's new queries and keys (before attention); ``layers``: stop after
+        the first ``layers`` layers (default: all).
 
-        Returns the new tokens' KV [L, 2, B, H, T, D] and last-layer hidden states [B, T, E].
+        Returns the new tokens' KV [layers, 2, B, H, T, D] and the last computed layer's hidden states [B, T, E].
         """
         ids = ids.to(self.device)
         b, t = ids.shape
@@ -329,10 +331,12 @@ class ModelAdapter:
         mask = None
         if past is not None and past_len:
             mask = RowMask.build(positions, torch.arange(past_len + t, device=self.device))
-        out = torch.empty((self.num_layers, 2, b, self.num_kv_heads, t, self.head_dim), dtype=self.dtype,
-                          device=self.device)
+        depth = self.num_layers if layers is None else layers
+        if not 1 <= depth <= self.num_layers:
+            raise ValueError(f"layers must be in [1, {self.num_layers}], got {layers}")
+        out = torch.empty((depth, 2, b, self.num_kv_heads, t, self.head_dim), dtype=self.dtype, device=self.device)
         hidden = self.embed(ids)
-        for layer in range(self.num_layers):
+        for layer in range(depth):
             q, k, v = self.project(layer, hidden, rope)
             out[layer, 0], out[layer, 1] = k, v
             if observe is not None:

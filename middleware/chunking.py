@@ -61,6 +61,7 @@ class ChunkCacher:
         self.config = config
         self.separator = separator  # the prompt layout's text after each document (part of its tokens)
         self.observer: Callable[[str, Sequence[int]], None] | None = None  # told of every chunk a warm stores or finds
+        self.on_stored: Callable[[str, ChunkKV, float | None], None] | None = None  # told of each chunk a warm stores
 
     def tokens(self, chunk: str | Sequence[int]) -> list[int]:
         """A text chunk's token ids (text + separator, tokenized alone); token ids are taken as they are."""
@@ -132,6 +133,8 @@ class ChunkCacher:
             part = keys[lo:lo + step]
             for key, chunk in zip(part, self.compute([todo[k] for k in part])):
                 self.store.put(key, chunk, ttl_s=ttl_s)
+                if self.on_stored is not None:
+                    self.on_stored(key, chunk, ttl_s)
                 if pin:
                     self.store.pin(key)
                 report.computed += 1

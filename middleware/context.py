@@ -67,7 +67,7 @@ class ChunkInfo:
     tier: str | None = None  # tier it was read from; None when computed
     codec: str | None = None  # codec of the entry read ("decoded" for tensors held by fast tiers)
     # "store" | "computed" (miss, computed alone and stored) | "near-duplicate" (miss repaired from an edited
-    # stored chunk) | "prefix" | "text" | "dropped"
+    # stored chunk) | "prefix" | "text" | "dropped" | "skipped" (left out by its abstract, never fetched)
     source: str = "store"
     recomputed_tokens: int = 0  # rows of this chunk recomputed in the deepest layers (blend)
     kept_tokens: int | None = None  # rows kept in the cache (compress); None = all
@@ -75,6 +75,7 @@ class ChunkInfo:
     stored: bool = False  # a miss that was written back to the store
     near_duplicate_of: str | None = None  # a miss repaired from this stored near-duplicate (source "near-duplicate")
     repaired_tokens: int = 0  # tokens of a near-duplicate computed when repairing it
+    abstract_gap: float | None = None  # its abstract's bound below the best chunk's (<= 0); None when not scored
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

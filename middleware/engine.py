@@ -20,6 +20,7 @@ import torch
 
 from ragkv.kvstore.chunk import DEFAULT_NAMESPACE, ChunkKV, check_namespace
 from ragkv.kvstore.errors import ConfigError
+from ragkv.middleware.abstract_selection import AbstractsConfig, ChunkAbstracts
 from ragkv.middleware.adapter import ModelAdapter
 from ragkv.middleware.assembly import AssembledPrompt, assemble
 from ragkv.middleware.chunking import ChunkCacher, ChunkingConfig, WarmReport
@@ -42,6 +43,7 @@ class EngineConfig:
     promote_after_load: bool = True  # put chunks read from a slow tier into the faster decoded tiers
     default_strategy: str = "blend"
     near_duplicates: NearDuplicateConfig = field(default_factory=NearDuplicateConfig)  # reuse of edited chunks
+    abstracts: AbstractsConfig = field(default_factory=AbstractsConfig)  # leave out chunks the query hardly reads
     layout: DocumentLayout = field(default_factory=DocumentLayout)  # where documents go in the chat template
 
 
@@ -56,6 +58,9 @@ class ContextEngine:
         self.cacher = ChunkCacher(adapter, store, config.chunking, separator=self.template.separator)
         self.near_duplicates = NearDuplicateReuse(adapter, store, self.cacher.meta, config.near_duplicates)
         self.cacher.observer = self.near_duplicates.observe
+        self.abstracts = ChunkAbstracts(adapter, store, config.abstracts)
+        self.cacher.on_stored = lambda key, chunk, ttl_s: self.abstracts.write(key, chunk.kv, chunk.meta.position,
+                                                                               ttl_s)
         self.loader = ChunkLoader(adapter, store, promote=config.promote_after_load)
         self.prefix_cache = PrefixCache(config.prefix_cache)
         self.costs = CostModel()
@@ -109,6 +114,12 @@ class ContextEngine:
         report = self.cacher.warm(chunks, namespace=namespace, **kwargs)
         if report.tokens_computed:
             self.costs.observe_compute(report.tokens_computed * self.adapter.num_layers, report.seconds)
+        if self.abstracts.enabled:  # chunks stored before abstracts were on get theirs now
+            for key in dict.fromkeys(report.keys):
+                if self.abstracts.read(key) is None:
+                    chunk = self.store.get(key)
+                    if chunk is not None:
+                        self.abstracts.write(key, chunk.kv, chunk.meta.position, kwargs.get("ttl_s"))
         return report
 
     def generate(self, request: PrepareRequest | PreparedContext, config: Any = None, strategy: Any = None,
@@ -196,7 +207,7 @@ class ContextEngine:
             """For a stored chunk that turned out unusable while loading in the background."""
             chunk = self.cacher.compute([token_lists[i]])[0]
             if request.store_misses:
-                self.store.put(write_keys[i], chunk)
+                self._store_chunk(write_keys[i], chunk)
                 found = loaded[i]
                 if found is not None:
                     found.stored = True
@@ -208,8 +219,7 @@ class ContextEngine:
         near = self._near_duplicates(misses, token_lists, request)
         for i, found in near.items():
             if request.store_misses:
-                self.store.put(write_keys[i], found.chunk)
-                self.near_duplicates.observe(write_keys[i], token_lists[i])
+                self._store_chunk(write_keys[i], found.chunk)
                 stored.add(i)
             loaded[i] = LoadedChunk(write_keys[i], found.chunk.meta, None, None, found.chunk.nbytes, hit=False,
                                     _full=found.chunk.kv)
@@ -221,8 +231,7 @@ class ContextEngine:
             self.costs.observe_compute(sum(c.num_tokens + 1 for c in computed) * self.adapter.num_layers, seconds)
             for i, chunk in zip(misses, computed):
                 if request.store_misses:
-                    self.store.put(write_keys[i], chunk)
-                    self.near_duplicates.observe(write_keys[i], token_lists[i])
+                    self._store_chunk(write_keys[i], chunk)
                     stored.add(i)
                 loaded[i] = LoadedChunk(write_keys[i], chunk.meta, None, None, chunk.nbytes, hit=False, _full=chunk.kv)
         by_index: dict[int, LoadedChunk] = {}
@@ -240,6 +249,27 @@ class ContextEngine:
                                    near_duplicate_of=found.source_key if found else None,
                                    repaired_tokens=found.repaired_tokens if found else 0))
         return by_index, infos
+
+    def _store_chunk(self, key: str, chunk: ChunkKV) -> None:
+        """Store a chunk computed or repaired for a request, index it, and store its abstract."""
+        self.store.put(key, chunk)
+        self.near_duplicates.observe(key, chunk.meta.token_ids)
+        self.abstracts.write(key, chunk.kv, chunk.meta.position)
+
+    def leave_out(self, prompt: AssembledPrompt, request: PrepareRequest, prefix_kv: torch.Tensor,
+                  exempt: Iterable[int] = ()) -> tuple[AssembledPrompt, list[ChunkInfo], dict[int, float], float]:
+        """The prompt without the chunks their abstracts leave out (``ragkv.middleware.abstract_selection``; never
+        those in ``exempt``), the left-out chunks' infos, every scored chunk's gap, and the seconds it took."""
+        choice = self.abstracts.choose(prompt, prefix_kv, exempt)
+        if choice is None:
+            return prompt, [], {}, 0.0
+        skipped = set(choice.skipped)
+        infos = [ChunkInfo(index=s.index, key=s.key or "", num_tokens=s.length, position=-1, hit=False,
+                           source="skipped", abstract_gap=choice.gaps[s.index])
+                 for s in prompt.chunks if s.index in skipped]
+        if skipped:
+            prompt = self.assemble(request, chunk_indices=[s.index for s in prompt.chunks if s.index not in skipped])
+        return prompt, infos, choice.gaps, choice.seconds
 
     def _near_duplicates(self, misses: Sequence[int], token_lists: Sequence[Sequence[int]],
                          request: PrepareRequest) -> dict[int, NearDuplicateHit]:

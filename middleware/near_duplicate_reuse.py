@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ragkv.kvstore.chunk import ChunkKV, ChunkMeta
 from ragkv.kvstore.container import read_header
 from ragkv.kvstore.errors import CorruptEntry, RagKVError
+from ragkv.middleware.abstracts import is_abstract_key
 from ragkv.middleware.adapter import ModelAdapter
 from ragkv.middleware.chunk_repair import repair_chunk
 from ragkv.middleware.near_duplicates import NearDuplicateIndex, align_tokens
@@ -73,6 +74,8 @@ class NearDuplicateReuse:
         count = 0
         for namespace in (None,) if namespaces is None else namespaces:
             for key in store.keys(namespace):  # type: ignore[attr-defined]
+                if is_abstract_key(key):
+                    continue
                 blob = store.get_blob(key)  # type: ignore[attr-defined]
                 if blob is None:
                     continue

@@ -152,13 +152,27 @@ class CachedChunksStrategy(Strategy):
     def _gather(self, request: PrepareRequest, prompt: AssembledPrompt | None = None, skip: Any = (),
                 sources: dict[int, str] | None = None
                 ) -> tuple[AssembledPrompt, LayerFeed, list[ChunkInfo], bool, dict[str, float]]:
+        """Assemble (or take ``prompt``), serve the prefix, leave out the chunks their abstracts rule out (not for
+        a given ``prompt``, never the ``skip`` chunks), and fetch the rest (but ``skip``)."""
         engine = self.engine
         start = time.perf_counter()
+        timings: dict[str, float] = {}
+        given = prompt is not None
         prompt = prompt if prompt is not None else engine.assemble(request)
         prefix_kv, prefix_hit = engine.prefix_kv(prompt, request.lookup[0])
+        left_out: list[ChunkInfo] = []
+        gaps: dict[int, float] = {}
+        if not given:
+            prompt, left_out, gaps, seconds = engine.leave_out(prompt, request, prefix_kv, exempt=skip)
+            if gaps:
+                timings["abstracts"] = seconds
         loaded, infos = engine.fetch_chunks(prompt, request, skip=skip, sources=sources)
+        for info in infos:
+            info.abstract_gap = gaps.get(info.index)
+        infos = sorted(infos + left_out, key=lambda i: i.index)
         feed = LayerFeed(self.adapter, prompt, prefix_kv, loaded)
-        return prompt, feed, infos, prefix_hit, {"gather": time.perf_counter() - start}
+        timings["gather"] = time.perf_counter() - start
+        return prompt, feed, infos, prefix_hit, timings
 
     def _run(self, prompt: AssembledPrompt, feed: Any, **kwargs: Any) -> tuple[SelectiveOutput, float]:
         start = time.perf_counter()

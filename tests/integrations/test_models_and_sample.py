@@ -106,7 +106,9 @@ def test_a_runtime_in_bfloat16_on_cpu_answers_through_the_batch() -> None:
 def test_serving_options_parse() -> None:
     from ragkv.integrations.cli import build_parser
 
-    args = build_parser().parse_args(["serve", "--device", "cpu", "--dtype", "bfloat16", "--near-duplicates"])
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--dtype", "bfloat16", "--near-duplicates",
+                                      "--abstracts", "--abstract-threshold", "2.5"])
     assert (args.device, args.dtype, args.near_duplicates) == ("cpu", "bfloat16", True)
+    assert (args.abstracts, args.abstract_threshold) == (True, 2.5)
     defaults = build_parser().parse_args(["serve"])
-    assert (defaults.device, defaults.near_duplicates) == ("auto", False)
+    assert (defaults.device, defaults.near_duplicates, defaults.abstracts) == ("auto", False, False)
