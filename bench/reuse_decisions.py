@@ -15,7 +15,8 @@ the prepare time (the first token comes from the prepared logits), one cold run 
 median over questions; agreement = the first 16 greedy tokens identical to full's. ``near vs miss`` isolates
 what the repair changes from what blend's cross-chunk reuse already changes on this model.
 
-The chunk-abstract half of the issue (LeoAM) is not built yet; this scenario has no rows for it.
+Chunk abstracts (LeoAM): ``abstract_paths`` (its docstring says how): prompts of 16 and 32 chunks, chunks on a
+cold disk tier and in Redis, leaving out the chunks far below the others against fetching everything.
 """
 from __future__ import annotations
 
@@ -25,17 +26,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import fidelity_set  # a sibling script: bench/ is on sys.path when a script here runs
+from abstract_paths import ALL, agreement, run_abstracts
 from harness import Report, median, parse_args
 
 from ragkv.integrations.models import load_model, make_adapter
 from ragkv.kvstore import TieredStore
 from ragkv.middleware import ContextEngine, EngineConfig, GenerationConfig, PrepareRequest
+from ragkv.middleware.abstract_selection import AbstractsConfig
 from ragkv.middleware.near_duplicate_reuse import NearDuplicateConfig
 
 AGREEMENT_TOKENS = 16
 FRACTIONS = (0.01, 0.05, 0.2)
 NEAR = "near-duplicate"
 DEFAULT_NEAR = NearDuplicateConfig(enabled=True)
+ABSTRACT_SIZES = (16, 32)
+ABSTRACT_THRESHOLDS = (2.0, 2.5, 3.0)  # leave-out thresholds measured on the disk tier (3.0: the default)
+REDIS_THRESHOLDS = (3.0,)
 VARIANTS = {  # the repair budget at 5 % edits: (neighbours, ratio of the other kept rows by K deviation)
     "near, neighbours 0, ratio 0": NearDuplicateConfig(enabled=True, neighbours=0, ratio=0.0),
     "near, neighbours 2, ratio 0": NearDuplicateConfig(enabled=True, neighbours=2, ratio=0.0),
@@ -93,15 +99,11 @@ def run(engine: ContextEngine, questions: Sequence[Any], fraction: float, seed: 
     for path in paths:
         r = rows[path]
         out[path] = {"ttft_s": median(r["ttft"]), "ttft_vs_full": median([a / b for a, b in zip(r["ttft"], full["ttft"])]),
-                     "agreement": _agree(r["tokens"], full["tokens"]), "accuracy": sum(r["correct"]) / len(r["correct"])}
+                     "agreement": agreement(r["tokens"], full["tokens"]), "accuracy": sum(r["correct"]) / len(r["correct"])}
         if path in near:
-            out[path].update(vs_miss=_agree(r["tokens"], miss["tokens"]), repaired=median(repaired[path]),
+            out[path].update(vs_miss=agreement(r["tokens"], miss["tokens"]), repaired=median(repaired[path]),
                              hits=sum(x < 1.0 for x in repaired[path]))
     return out
-
-
-def _agree(a: Sequence[list[int]], b: Sequence[list[int]]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
 def main() -> None:
@@ -110,10 +112,15 @@ def main() -> None:
     report = Report("reuse_decisions", quick=args.quick, out=args.out)
     loaded = load_model("toy" if args.quick else None)
     engine = ContextEngine(make_adapter(loaded), TieredStore("host:8GB"), EngineConfig())
-    questions = fidelity_set.load()[:n]
+    every_question = fidelity_set.load()
+    questions = every_question[:n]
+    pool = sorted({d for q in every_question for d in q.documents})
+    sizes, thresholds, redis_thresholds = ABSTRACT_SIZES, ABSTRACT_THRESHOLDS, REDIS_THRESHOLDS
     if args.quick:  # the toy model's vocabulary: its own sample questions' shape is enough to run the paths
         questions = [fidelity_set.Question(("k1 v2 ; the k3 v4 ; see k5 v6 ;", "k7 v8 ; the k9 v10 ;"),
                                            "Q k3 ?", "v4", "single", (0,))] * n
+        pool = [f"k{i} v{i + 1} ; the k{i + 2} v{i + 3} ;" for i in range(11, 41, 3)]
+        sizes, thresholds, redis_thresholds = (8,), (0.0,), (0.0,)
     engine.prepare(PrepareRequest(query=questions[0].question, chunks=list(questions[0].documents)), "full")  # warm-up
     results = {f: run(engine, questions, f, seed=int(f * 1000),
                       near={NEAR: DEFAULT_NEAR, **(VARIANTS if f == 0.05 else {})}) for f in FRACTIONS}
@@ -139,7 +146,32 @@ def main() -> None:
         report.figure(f"near_dup_{pct}pct_hits", r[NEAR]["hits"])
         report.figure(f"miss_{pct}pct_ttft_vs_full", r["miss"]["ttft_vs_full"])
         report.figure(f"miss_{pct}pct_agreement", r["miss"]["agreement"])
-    report.note("chunk abstracts (LeoAM) are not built yet: no abstracts_* figures")
+    abstracts = run_abstracts(engine.adapter, questions, pool, sizes, thresholds, redis_thresholds)
+    report.setup["abstracts"] = ("prompts of 16 and 32 chunks (the question's documents + other questions' "
+                                 "documents), default strategy (blend); chunks alone on a disk tier (raw codec, page "
+                                 "cache dropped before every prepare) or in Redis on loopback (raw codec); abstracts "
+                                 "over the first 8 layers read from the engine's in-process cache; same warm-up for "
+                                 "both paths; bytes fetched include the abstracts'")
+    report.table("chunk abstracts: leave out chunks far below the others vs fetch everything (TTFT: median over "
+                 "questions of the per-question ratio)",
+                 ["chunks", "tier", "path", "TTFT s", "TTFT vs all", "bytes vs all", "MiB fetched / prompt",
+                  "skipped share", "questions with a needed doc skipped", "agreement vs all", "agreement vs full",
+                  "accuracy"],
+                 [[size, tier, path, v["ttft_s"], v["ttft_vs_all"], v["bytes_vs_all"], v["mib_fetched"],
+                   v["skipped_share"], v["needed_skipped"], v["agreement_vs_all"], v["agreement_vs_full"],
+                   v["accuracy"]]
+                  for size, by_tier in abstracts.items() for tier, paths in by_tier.items()
+                  for path, v in paths.items()])
+    headline = abstracts[str(sizes[-1])]
+    default = f"abstracts, threshold {AbstractsConfig().threshold:g}" if not args.quick else \
+        next(p for p in headline["disk"] if p != ALL)
+    report.figure("abstracts_bytes_fetched_vs_all", headline["disk"][default]["bytes_vs_all"])
+    report.figure("abstracts_ttft_vs_all_cold_disk", headline["disk"][default]["ttft_vs_all"])
+    report.figure("abstracts_agreement_vs_all", headline["disk"][default]["agreement_vs_all"])
+    report.figure("abstracts_accuracy", headline["disk"][default]["accuracy"])
+    report.figure("all_accuracy", headline["disk"][ALL]["accuracy"])
+    if default in headline["redis"]:
+        report.figure("abstracts_ttft_vs_all_redis", headline["redis"][default]["ttft_vs_all"])
     report.write()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import RedisProcess, Report, median, parse_args
+from harness import RedisProcess, Report, drop_dir_from_page_cache, median, parse_args
 
 from ragkv.kvstore.tiers import DiskConfig, DiskTier, HostConfig, HostTier, RedisConfig, RedisTier
 from ragkv.kvstore.tiers.base import Tier
@@ -60,19 +60,6 @@ def build_model(quick: bool) -> Any:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**(QUICK if quick else QWEN_05B)))
     return model.to(torch.bfloat16).eval()
-
-
-def drop_dir_from_page_cache(path: str) -> int:
-    dropped = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                dropped += 1
-            finally:
-                os.close(fd)
-    return dropped
 
 
 def ttft(engine: ContextEngine, request: PrepareRequest, strategy: Any, before: Callable[[], Any] | None = None

@@ -163,13 +163,14 @@ class BlendStrategy(CachedChunksStrategy):
         final = out.final_rows if out.final_rows is not None else torch.zeros(0, dtype=torch.long)
         by_index = {s.index: s for s in prompt.chunks}
         for info in infos:
-            s = by_index[info.index]
-            info.recomputed_tokens = int(((final >= s.start) & (final < s.end)).sum())
+            s = by_index.get(info.index)  # None: left out by its abstract
+            if s is not None:
+                info.recomputed_tokens = int(((final >= s.start) & (final < s.end)).sum())
         for s in prompt.chunks:
             if s.index in text_chunks:
                 infos.append(ChunkInfo(index=s.index, key=s.key or "", num_tokens=s.length, position=s.start,
                                        hit=False, source="text", recomputed_tokens=s.length))
-        infos.sort(key=lambda i: i.position)
+        infos.sort(key=lambda i: i.index)
         info = dict(details or {})
         info.update({"ratio": ratio, "checks": [(c.layer, c.keep) for c in checks],
                      "selections": {layer: rows.tolist() for layer, rows in out.selections.items()},

@@ -129,8 +129,8 @@ class CompressStrategy(CachedChunksStrategy):
         kept_set = keep.tolist()
         by_index = {s.index: s for s in prompt.chunks}
         for info in infos:
-            s = by_index[info.index]
-            info.kept_tokens = sum(1 for r in kept_set if s.start <= r < s.end)
+            s = by_index.get(info.index)  # None: left out by its abstract
+            info.kept_tokens = 0 if s is None else sum(1 for r in kept_set if s.start <= r < s.end)
         out.logits = logits
         details = {"mode": c.mode, "kept_tokens": int(keep.numel()), "chunk_tokens": int(chunk_rows.numel()),
                    "cache_tokens": int(slots.numel())}

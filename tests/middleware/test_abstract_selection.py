@@ -100,7 +100,18 @@ def test_left_out_chunks_are_never_fetched_and_the_rest_is_as_if_only_they_were_
     torch.testing.assert_close(prepared.logits, plain.logits)
 
 
-def test_blend_and_a_high_threshold_keep_every_chunk(adapter: ModelAdapter, make_words: Any) -> None:
+@pytest.mark.parametrize("strategy", ["blend", "auto", "compress"])
+def test_every_strategy_over_cached_chunks_reports_left_out_chunks_in_order(adapter: ModelAdapter, make_words: Any,
+                                                                            strategy: str) -> None:
+    engine = _engine(adapter, TieredStore("host:256MB"), LEAVE_OUT_ALL_BUT_ONE)
+    docs = _docs(make_words)
+    engine.warm(docs)
+    prepared = engine.prepare(PrepareRequest(query=make_words(2, 4), chunks=docs), strategy)
+    assert [c.index for c in prepared.chunks] == [0, 1, 2, 3]
+    assert sum(c.source == "skipped" for c in prepared.chunks) == 3
+
+
+def test_a_high_threshold_keeps_every_chunk(adapter: ModelAdapter, make_words: Any) -> None:
     engine = _engine(adapter, TieredStore("host:256MB"),
                      AbstractsConfig(enabled=True, layers=2, threshold=1e6, min_chunks=3))
     docs = _docs(make_words)
