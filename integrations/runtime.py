@@ -30,6 +30,7 @@ from ragkv.integrations.answers import (
 from ragkv.integrations.models import LoadedModel, ModelInfo, load_model, make_adapter
 from ragkv.integrations.strategy_params import config_from_params
 from ragkv.kvstore import ChunkKV, ModelMismatch, TieredStore, check_key, key_namespace
+from ragkv.kvstore.container import decode_entry
 from ragkv.kvstore.errors import ConfigError
 from ragkv.middleware.abstract_selection import AbstractsConfig
 from ragkv.middleware.abstracts import abstract_key
@@ -259,6 +260,14 @@ class RagRuntime:
         """Whether chunk abstracts leave chunks out, with what threshold, and how many were written, read and
         left out (process-wide counts)."""
         return self.engine.abstracts.summary()
+
+    def chunk_uploaded(self, key: str, blob: bytes, token_ids: Sequence[int], ttl_s: float | None = None) -> None:
+        """A chunk blob stored as it is (``PUT /v1/chunks``): indexed as a near-duplicate source at once and, when
+        abstracts are on, decoded once to give it its abstract."""
+        self.engine.near_duplicates.observe(key, token_ids)
+        if self.engine.abstracts.enabled:
+            chunk = decode_entry(blob, self.store.limits, key)[1]
+            self.engine.abstracts.write(key, chunk.kv, chunk.meta.position, ttl_s)
 
     def delete_chunk(self, key: str) -> bool:
         """Delete a chunk from every tier, with its abstract; True when the chunk was stored."""

@@ -42,11 +42,13 @@ def add_chunk_routes(app: FastAPI, runtime: RagRuntime, metrics: Metrics, quotas
 
             def store() -> Any:
                 # checksum, header and limits first (CorruptEntry -> 422), then what this server would store
-                # under this key; the blob is stored as it is, never decoded on the way in.
+                # under this key; the blob is stored as it is (decoded afterwards only for its abstract, when
+                # abstracts are on).
                 header = read_header(blob, runtime.store.limits, key)
                 runtime.check_blob(key, header)
                 quotas.check_write(tenant, key_namespace(key), len(blob))
                 runtime.store.put_blob(key, blob, ttl_s=ttl_s)
+                runtime.chunk_uploaded(key, blob, header.meta.token_ids, ttl_s)
                 return header
 
             header = await anyio.to_thread.run_sync(store)  # checksums of large blobs stay off the event loop

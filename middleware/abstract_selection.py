@@ -72,7 +72,7 @@ class AbstractsConfig:
 @dataclass(frozen=True)
 class AbstractChoice:
     """What ``choose`` decided for one prompt: the gap of every scored chunk (by the request's chunk index),
-    the chunks left out, and the seconds the query pass and the bounds took."""
+    the chunks left out, and the seconds the abstract reads, the query pass and the bounds took."""
 
     gaps: dict[int, float]
     skipped: tuple[int, ...]
@@ -90,7 +90,7 @@ class ChunkAbstracts:
         self._cache: OrderedDict[str, ChunkAbstract] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
-        self.counters = {"written": 0, "read": 0, "missing": 0, "prompts_scored": 0, "chunks_skipped": 0,
+        self.counters = {"written": 0, "write_failed": 0, "read": 0, "missing": 0, "prompts_scored": 0, "chunks_skipped": 0,
                          "tokens_skipped": 0}
 
     @property
@@ -99,7 +99,8 @@ class ChunkAbstracts:
 
     # -- storage -------------------------------------------------------------------------------------------
     def write(self, key: str, kv: torch.Tensor, position: int, ttl_s: float | None = None) -> None:
-        """Store the abstract of the chunk stored under ``key`` (kv [L, 2, H, T, D])."""
+        """Store the abstract of the chunk stored under ``key`` (kv [L, 2, H, T, D]); a store error is logged and
+        counted (``write_failed``), not raised: that chunk is then always fetched."""
         if not self.enabled:
             return
         try:
@@ -108,7 +109,12 @@ class ChunkAbstracts:
             return
         abstract = ChunkAbstract.from_kv(kv[:self.layers], position)
         blob = encode_entry(abstract.to_chunk(str(self.adapter.fingerprint)), get_codec("raw"), None, target)
-        self.store.put_blob(target, blob, ttl_s=ttl_s)
+        try:
+            self.store.put_blob(target, blob, ttl_s=ttl_s)
+        except RagKVError as exc:  # the chunk is stored; without its abstract it is simply always fetched
+            log.warning("storing the abstract of %s failed: %s", key, exc)
+            self._count(write_failed=1)
+            return
         self._remember(key, abstract)
         self._count(written=1)
 
@@ -181,13 +187,13 @@ class ChunkAbstracts:
         segments = prompt.chunks
         if not self.enabled or len(segments) < c.min_chunks:
             return None
+        start = time.perf_counter()
         abstracts = {}
         for s in segments:
             found = self.read(s.key) if s.key else None
             if found is None:
                 return None
             abstracts[s.index] = found
-        start = time.perf_counter()
         gaps = self.gaps(prompt, prefix_kv, abstracts)
         exempt = set(exempt)
         ranked = sorted(gaps, key=lambda i: -gaps[i])
@@ -209,15 +215,15 @@ class ChunkAbstracts:
                   observe=lambda layer, q, k: queries.__setitem__(layer, q[0].to(torch.float32).cpu()))
         cos, sin = delta_cos_sin(a.inv_freq, prompt.query.start - prefix_len)  # to the query's real position
         segments = [s for s in prompt.chunks if s.index in abstracts]
-        best = torch.zeros(len(segments))
+        mean_gap = torch.zeros(len(segments))
         for layer in range(self.layers):
             q = queries[layer] * cos + rotate_half(queries[layer]) * sin  # [Hq, R, D]
             scale = float(a.layers[layer].self_attn.scaling)
             bounds = torch.stack([abstracts[s.index].log_mass_bound(layer, q, s.start, a.inv_freq, scale)
                                   for s in segments])  # [C, Hq, R]
             gap = bounds - bounds.max(dim=0).values
-            best += gap.flatten(1).mean(dim=1) / self.layers
-        return {s.index: float(g) for s, g in zip(segments, best)}
+            mean_gap += gap.flatten(1).mean(dim=1) / self.layers
+        return {s.index: float(g) for s, g in zip(segments, mean_gap)}
 
     def _count(self, **increments: int) -> None:
         with self._lock:

@@ -25,7 +25,8 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     disk = tmp_path_factory.mktemp("abstracts-disk")
     loaded = build_random_model(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128, max_positions=1024, seed=2)
     runtime = RagRuntime(loaded, TieredStore(f"host:64MB,disk:{disk}:256MB"), own_store=True, use_calibration=False,
-                         abstracts=AbstractsConfig(enabled=True, layers=2, threshold=0.0, min_chunks=3, min_kept=1))
+                         abstracts=AbstractsConfig(enabled=True, layers=2, threshold=0.0, min_chunks=3, min_kept=1),
+                         near_duplicates=True)
     registry = TenantRegistry.from_mapping({"tenants": [{"name": n, "keys": [k]} for n, k in KEYS.items()]})
     server = ServiceThread(create_app(ServiceState(runtime=runtime, registry=registry))).start()
     try:
@@ -55,3 +56,17 @@ def test_a_left_out_document_is_reported_counted_isolated_and_deleted_with_its_c
         assert bob.get(f"/v1/chunks/{abstract}").status_code in (403, 404)  # another tenant's: never readable
         assert alice.delete(f"/v1/chunks/{keys[0]}").status_code == 204
         assert alice.head(f"/v1/chunks/{abstract}").status_code == 404 and not runtime.store.contains(abstract)
+
+
+def test_an_uploaded_blob_gets_its_abstract_and_is_a_near_duplicate_source_at_once(url: tuple[str, Any]) -> None:
+    base, runtime = url
+    with _client(base, "alice") as alice:
+        (key,) = alice.post("/v1/warm", json={"texts": [TEXTS[1] + " k1 v1 k2 v2"]}).json()["keys"]
+        blob = alice.get(f"/v1/chunks/{key}").content
+        assert alice.delete(f"/v1/chunks/{key}").status_code == 204
+        runtime.engine.near_duplicates.index.remove(key)
+        indexed = len(runtime.engine.near_duplicates.index)
+        assert alice.put(f"/v1/chunks/{key}", content=blob,
+                         headers={"Content-Type": "application/octet-stream"}).status_code == 201
+        assert alice.head(f"/v1/chunks/{key}.abstract").status_code == 200
+        assert len(runtime.engine.near_duplicates.index) == indexed + 1
