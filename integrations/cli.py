@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--near-duplicates", action="store_true",
                        help="repair a missing document from a stored near-duplicate (an edited copy) instead of "
                             "computing it; off by default")
+    serve.add_argument("--role", choices=("both", "prefill", "decode"), default="both",
+                       help="prefill: prepare prompts and publish them (/v1/prefill); decode: decode what a prefill "
+                            "server published (/v1/decode); both (default): every answer endpoint. Prefill and "
+                            "decode servers share a store (Redis or a disk both can reach)")
     serve.add_argument("--abstracts", action="store_true",
                        help="store a key abstract beside each chunk and leave out of a prompt the documents whose "
                             "attention bound is far below the others' (never fetched); off by default")

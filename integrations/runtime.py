@@ -23,6 +23,7 @@ from ragkv.integrations.answers import (
     CheckedRequest,
     Document,
     Forbidden,
+    GenerationOptions,
     NotFound,
     TokenCallback,
     answer_from,
@@ -36,6 +37,7 @@ from ragkv.middleware.abstract_selection import AbstractsConfig
 from ragkv.middleware.abstracts import abstract_key
 from ragkv.middleware.calibration import load_calibration
 from ragkv.middleware.codec_calibration import load_codec_calibration, use_codec_calibration
+from ragkv.middleware.handoff import DEFAULT_HANDOFF_TTL_S, Handoff
 from ragkv.middleware.model_registry import models_dir
 from ragkv.middleware.near_duplicate_reuse import NearDuplicateConfig
 from ragkv.middleware.scheduler import Scheduler, SchedulerConfig
@@ -217,12 +219,6 @@ class RagRuntime:
     def run(self, checked: CheckedRequest, on_token: TokenCallback | None = None) -> Answer:
         """Prepare the prompt with the strategy and decode, in the scheduler's batch. ``on_token`` receives text
         pieces as they come (in this thread) and may raise ``Cancelled`` to stop."""
-        callback = None
-        if on_token is not None:
-            def callback(event: Any) -> None:
-                if event.text:
-                    on_token(event.text)
-
         def prepare() -> Any:
             try:
                 return self.engine.prepare(checked.prepare, strategy=checked.strategy)
@@ -232,8 +228,37 @@ class RagRuntime:
                 # a parameter the config accepted but this model cannot honour (e.g. a check layer it lacks)
                 raise ConfigError(f"strategy parameters rejected for this model: {exc}") from exc
 
-        result, prepared = self.scheduler.generate(prepare, checked.generation, on_token=callback,
+        result, prepared = self.scheduler.generate(prepare, checked.generation, on_token=_text_pieces(on_token),
                                                    cached_fraction=self.cached_fraction(checked.prepare))
+        return answer_from(result, prepared, len(prepared.input_ids))
+
+    def prefill(self, checked: CheckedRequest, namespace: str, ttl_s: float | None = DEFAULT_HANDOFF_TTL_S
+                ) -> tuple[Handoff, Answer]:
+        """Prepare the prompt (in the scheduler, like an answer) and publish it in ``namespace`` for a decode
+        worker (``ragkv.middleware.handoff``); no token is decoded. Returns the hand-off and the prepare's report
+        (documents, timings)."""
+        from ragkv.middleware.generation import GenerationConfig
+
+        published: list[Handoff] = []
+
+        def prepare() -> Any:
+            prepared = self.engine.prepare(checked.prepare, strategy=checked.strategy)
+            published.append(self.engine.publish(prepared, namespace, ttl_s))
+            return prepared
+
+        # one token, sampled from the prepared logits without a forward pass: the job ends after its prepare
+        result, prepared = self.scheduler.generate(prepare, GenerationConfig(max_new_tokens=1),
+                                                   cached_fraction=self.cached_fraction(checked.prepare))
+        return published[0], answer_from(result, prepared, len(prepared.input_ids))
+
+    def decode(self, handle: str, namespace: str, generation: GenerationOptions,
+               on_token: TokenCallback | None = None) -> Answer:
+        """Decode from a context another process published under ``handle``, which must be in ``namespace``
+        (the caller's own: hand-offs are never shared). The entry is used once."""
+        if key_namespace(check_key(handle)) != namespace:
+            raise Forbidden("a hand-off can only be resumed by the tenant that published it")
+        result, prepared = self.scheduler.generate(lambda: self.engine.resume(handle), generation.to_config(),
+                                                   on_token=_text_pieces(on_token), cached_fraction=1.0)
         return answer_from(result, prepared, len(prepared.input_ids))
 
     def answer(self, request: AnswerRequest, on_token: TokenCallback | None = None) -> Answer:
@@ -300,6 +325,17 @@ class RagRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _text_pieces(on_token: TokenCallback | None) -> Any:
+    """A scheduler token callback that hands ``on_token`` each event's text piece (None: no callback)."""
+    if on_token is None:
+        return None
+
+    def callback(event: Any) -> None:
+        if event.text:
+            on_token(event.text)
+    return callback
 
 
 def default_store_on(device_type: str, store: str | None) -> Any:

@@ -48,6 +48,7 @@ class ServiceConfig:
     near_duplicates: bool = False  # repair misses from stored near-duplicate chunks
     abstracts: bool = False  # store chunk abstracts and leave out the chunks far below the others
     abstract_threshold: float = AbstractsConfig.threshold
+    role: str = "both"  # prefill | decode | both: /v1/prefill, /v1/decode, or every answer endpoint
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys_file: str | None = None  # None: open access as tenant 'default' (loopback only)
@@ -138,8 +139,8 @@ def build_state(config: ServiceConfig, runtime: RagRuntime | None = None, out: T
                                   abstracts=AbstractsConfig(enabled=config.abstracts,
                                                             threshold=config.abstract_threshold),
                                   max_waiting=config.limits.max_waiting)
-    state = ServiceState(runtime=runtime, registry=registry, limits=config.limits)
-    if config.sample:
+    state = ServiceState(runtime=runtime, registry=registry, limits=config.limits, role=config.role)
+    if config.sample and config.role == "both":  # the sample's example request is a /v1/generate
         namespace = OPEN_TENANT if registry.open else SHARED_NAMESPACE
         start = time.perf_counter()
         try:

@@ -47,12 +47,15 @@ from ragkv.integrations.service_http import GuardMiddleware, ServiceLimits, api_
 from ragkv.integrations.service_models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    DecodeRequest,
     DocumentField,
     DocumentRef,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
     ModelList,
+    PrefillRequest,
+    PrefillResponse,
     WarmRequest,
     WarmResponse,
 )
@@ -65,9 +68,15 @@ from ragkv.kvstore import (
     RagKVError,
     TierUnavailable,
 )
+from ragkv.middleware.handoff import HandoffMissing
 from ragkv.middleware.prompt_template import ChatTurn
 
 log = logging.getLogger(__name__)
+
+# the answer endpoints a server of each role leaves out: a prefill worker publishes, a decode worker resumes
+ROLE_ROUTES = {"both": frozenset(),
+               "prefill": frozenset({"/v1/decode", "/v1/generate", "/v1/chat/completions"}),
+               "decode": frozenset({"/v1/prefill", "/v1/generate", "/v1/chat/completions", "/v1/warm"})}
 
 
 @dataclass
@@ -82,6 +91,7 @@ class ServiceState:
     sample_example: Any = None  # ragkv.integrations.service.SampleExample
     example: str | None = None
     upload_slots: int = 4  # chunk uploads buffered at once; memory is bounded by this times max_chunk_bytes
+    role: str = "both"  # prefill | decode | both: which answer endpoints this server offers (ROLE_ROUTES)
 
 
 def create_app(state: ServiceState) -> FastAPI:
@@ -117,6 +127,7 @@ def create_app(state: ServiceState) -> FastAPI:
     app.add_exception_handler(Forbidden, handler(403))
     app.add_exception_handler(PermissionError, handler(403))
     app.add_exception_handler(NotFound, handler(404))
+    app.add_exception_handler(HandoffMissing, handler(404))
     app.add_exception_handler(QuotaExceeded, handler(413))
     app.add_exception_handler(ConfigError, handler(422))  # includes ContextTooLong and UnsupportedModel
     app.add_exception_handler(CorruptEntry, handler(422))
@@ -271,6 +282,34 @@ def create_app(state: ServiceState) -> FastAPI:
         record(answer, tenant, "generate")
         return outcome(answer)
 
+    # -- prefill → decode hand-off (ragkv.middleware.handoff) ---------------------------------------------------
+    @app.post("/v1/prefill", response_model=PrefillResponse, tags=["handoff"],
+              summary="Prepare a prompt and publish its KV for a decode worker (no token decoded)",
+              responses=error_responses(401, 403, 404, 413, 415, 422, 429))
+    async def prefill(body: PrefillRequest, tenant: TenantDep) -> dict[str, Any]:
+        history = tuple(ChatTurn(t.role, t.content) for t in body.history)
+        request = answer_request(tenant, body, body.query, body.system, documents(body.documents),
+                                 GenerationOptions(max_new_tokens=1), history)
+        check = await checked(request)
+        prompt = check.prepare
+        tokens = len(prompt.system or ()) + sum(len(c) for c in prompt.chunks) + len(prompt.query)
+        # the hand-off is written to the tenant's namespace: it must fit the quota, like any write
+        await anyio.to_thread.run_sync(quotas.check_write, tenant, tenant.namespace, runtime.chunk_bytes(tokens))
+        handoff, report = await anyio.to_thread.run_sync(runtime.prefill, check, tenant.namespace, body.ttl_s)
+        return {**handoff.to_dict(), "ttl_s": body.ttl_s, "timings_ms": report.timings_ms,
+                "documents": [d.to_dict() for d in report.documents]}
+
+    @app.post("/v1/decode", response_model=GenerateResponse, tags=["handoff"],
+              summary="Decode from a hand-off published by /v1/prefill (the same tenant's; used once)",
+              responses=error_responses(401, 403, 404, 422, 429))
+    async def decode(body: DecodeRequest, tenant: TenantDep) -> dict[str, Any]:
+        if runtime.waiting >= runtime.max_waiting:
+            raise Overloaded(f"{runtime.waiting} model requests are already waiting; retry later")
+        generation = options(body, body.max_new_tokens or min(64, limits.max_new_tokens), body.stop)
+        answer = await anyio.to_thread.run_sync(runtime.decode, body.handle, tenant.namespace, generation)
+        record(answer, tenant, "decode")
+        return outcome(answer)
+
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["rag"],
               summary="OpenAI-compatible chat completions, answered from cached document KV",
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -368,6 +407,10 @@ def create_app(state: ServiceState) -> FastAPI:
                                   samples=metrics.recent_ttfts(), auth=not state.registry.open, example=state.example)
         return HTMLResponse(page)
 
+    if state.role not in ROLE_ROUTES:
+        raise ConfigError(f"role must be one of {sorted(ROLE_ROUTES)}, got {state.role!r}")
+    left_out = ROLE_ROUTES[state.role]
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in left_out]
     app.add_middleware(GuardMiddleware, registry=state.registry, limits=limits, metrics=metrics)
     return app
 

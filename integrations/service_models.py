@@ -82,11 +82,14 @@ class ChunkPutResponse(BaseModel):
     codec: str
 
 
-class GenerationFields(BaseModel):
+class SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=5, description="0 or null: greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1, le=1000)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class GenerationFields(SamplingFields):
     strategy: str | None = Field(default=None, max_length=64,
                                  description="full | prefix | reuse | blend | compress | auto (default blend)")
     strategy_params: dict[str, Any] = Field(default_factory=dict,
@@ -100,17 +103,37 @@ class ChatTurnIn(BaseModel):
     content: str = Field(max_length=MAX_SCHEMA_TEXT)
 
 
-class GenerateRequest(GenerationFields):
-    model_config = ConfigDict(extra="forbid")
+class PromptFields(GenerationFields):
     query: str = Field(min_length=1, max_length=MAX_SCHEMA_TEXT)
     history: list[ChatTurnIn] = Field(default_factory=list, max_length=MAX_SCHEMA_ITEMS,
                                       description="Earlier chat turns, in order (the query is the last user turn)")
     documents: list[DocumentField] = Field(default_factory=list, max_length=MAX_SCHEMA_ITEMS)
     system: str | None = Field(default=None, max_length=MAX_SCHEMA_TEXT)
+
+
+class GenerateRequest(PromptFields):
+    model_config = ConfigDict(extra="forbid")
     max_new_tokens: int | None = Field(default=None, ge=1, le=100_000,
                                        description="Default: 64, or the server's limit when lower")
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = Field(default=False, description="Stream tokens as server-sent events")
+
+
+class PrefillRequest(PromptFields):
+    """Prepare a prompt and publish it for a decode worker (sampling fields are given to ``/v1/decode``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttl_s: float = Field(default=600.0, gt=0, le=86400, description="How long the hand-off waits to be decoded")
+
+
+class DecodeRequest(SamplingFields):
+    """Decode from a hand-off published by ``/v1/prefill`` (of the same tenant); a handle is used once."""
+
+    model_config = ConfigDict(extra="forbid")
+    handle: str = Field(pattern=KEY_PATTERN, description="'<namespace>:handoff-<hex>' from /v1/prefill")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=100_000,
+                                       description="Default: 64, or the server's limit when lower")
+    stop: list[str] = Field(default_factory=list, max_length=16)
 
 
 class DocumentOutcome(BaseModel):
@@ -127,6 +150,16 @@ class DocumentOutcome(BaseModel):
     repaired_tokens: int = Field(default=0, description="tokens computed when repairing a near-duplicate")
     abstract_gap: float | None = Field(default=None, description="how far the chunk's abstract bound stayed below "
                                        "the best chunk's (<= 0); a chunk below the threshold is skipped, not fetched")
+
+
+class PrefillResponse(BaseModel):
+    handle: str = Field(description="Pass to /v1/decode (on any server of the same model and store)")
+    prompt_tokens: int
+    strategy: str
+    stored_bytes: int = Field(description="Decoded size of the published KV")
+    ttl_s: float
+    timings_ms: dict[str, float]
+    documents: list[DocumentOutcome]
 
 
 class Usage(BaseModel):
@@ -253,6 +286,7 @@ __all__ = [
     "ChatMessageOut",
     "ChatTurnIn",
     "ChunkPutResponse",
+    "DecodeRequest",
     "DocumentField",
     "DocumentOutcome",
     "DocumentRef",
@@ -265,6 +299,8 @@ __all__ = [
     "LookupResult",
     "ModelCard",
     "ModelList",
+    "PrefillRequest",
+    "PrefillResponse",
     "RagkvExtras",
     "StreamOptions",
     "Usage",

@@ -26,6 +26,7 @@ from ragkv.middleware.assembly import AssembledPrompt, assemble
 from ragkv.middleware.chunking import ChunkCacher, ChunkingConfig, WarmReport
 from ragkv.middleware.context import ChunkInfo, PreparedContext, PrepareRequest
 from ragkv.middleware.costs import CostModel
+from ragkv.middleware.handoff import DEFAULT_HANDOFF_TTL_S, Handoff, publish, resume
 from ragkv.middleware.loading import ChunkLoader, LoadedChunk
 from ragkv.middleware.near_duplicate_reuse import NearDuplicateConfig, NearDuplicateHit, NearDuplicateReuse
 from ragkv.middleware.prefix_cache import PrefixCache, PrefixCacheConfig
@@ -135,6 +136,15 @@ class ContextEngine:
 
         prepared = request if isinstance(request, PreparedContext) else self.prepare(request, strategy)
         return stream(self.adapter, prepared, config or GenerationConfig())
+
+    def publish(self, prepared: PreparedContext, namespace: str = DEFAULT_NAMESPACE,
+                ttl_s: float | None = DEFAULT_HANDOFF_TTL_S) -> Handoff:
+        """Store ``prepared`` under a hand-off key for another process to ``resume`` (``ragkv.middleware.handoff``)."""
+        return publish(self, prepared, namespace, ttl_s)
+
+    def resume(self, handle: str | Handoff) -> PreparedContext:
+        """The context published under ``handle``, its last prompt token run: ready to ``generate`` from."""
+        return resume(self, handle.key if isinstance(handle, Handoff) else handle)
 
     # -- shared steps ------------------------------------------------------------------------------------------
     def tokens(self, piece: str | Sequence[int] | None) -> list[int]:

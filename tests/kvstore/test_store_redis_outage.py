@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from kv_samples import key_of, make_chunk
+
 from ragkv.kvstore import RedisConfig, StoreConfig, TieredStore
 from ragkv.kvstore.tiers import DiskConfig, HostConfig
 
