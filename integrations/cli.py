@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ragkv.integrations.cli_simulate import add_simulate_commands
 from ragkv.kvstore import ChunkKV, ChunkMeta, RagKVError, TieredStore, chunk_key
 from ragkv.middleware.abstract_selection import AbstractsConfig
 
@@ -69,11 +70,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(name: str) -> Any:
+def _lazy(name: str, module: str = "cli_commands") -> Any:
     def run(args: argparse.Namespace) -> int:
-        from ragkv.integrations import cli_commands
+        import importlib
 
-        return int(getattr(cli_commands, name)(args))
+        return int(getattr(importlib.import_module(f"ragkv.integrations.{module}"), name)(args))
     return run
 
 
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prefill: prepare prompts and publish them (/v1/prefill); decode: decode what a prefill "
                             "server published (/v1/decode); both (default): every answer endpoint. Prefill and "
                             "decode servers share a store (Redis or a disk both can reach)")
+    serve.add_argument("--record-trace", default=None, metavar="FILE",
+                       help="append every answered request (its documents' keys and sizes) to this trace, for "
+                            "ragkv simulate")
     serve.add_argument("--abstracts", action="store_true",
                        help="store a key abstract beside each chunk and leave out of a prompt the documents whose "
                             "attention bound is far below the others' (never fetched); off by default")
@@ -188,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=2.0, help="duration of the store get loop")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=_lazy("cmd_bench"))
+
+    add_simulate_commands(sub, lambda name: _lazy(name, "cli_simulate"))
 
     demo = sub.add_parser("demo", help="write and read back a few chunks through the store (no model)")
     demo.add_argument("--chunks", type=int, default=8)

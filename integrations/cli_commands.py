@@ -28,6 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(store=args.store, model=args.model, dtype=args.dtype, device=args.device, host=args.host,
                            port=args.port, near_duplicates=args.near_duplicates, abstracts=args.abstracts,
                            abstract_threshold=args.abstract_threshold, role=args.role,
+                           record_trace=args.record_trace,
                            api_keys_file=args.api_keys, limits=limits, sample=not args.no_sample,
                            allow_open_remote=args.allow_open_remote, log_level=args.log_level)
     return serve(config)

@@ -24,6 +24,7 @@ from typing_extensions import Self
 from ragkv.integrations.answers import AnswerRequest, Document, GenerationOptions
 from ragkv.integrations.runtime import RagRuntime
 from ragkv.integrations.service_http import ServiceLimits
+from ragkv.integrations.sim_trace import TraceRecorder
 from ragkv.integrations.tenants import OPEN_TENANT, TenantRegistry
 from ragkv.kvstore import SHARED_NAMESPACE, ConfigError
 from ragkv.middleware.abstract_selection import AbstractsConfig
@@ -49,6 +50,7 @@ class ServiceConfig:
     abstracts: bool = False  # store chunk abstracts and leave out the chunks far below the others
     abstract_threshold: float = AbstractsConfig.threshold
     role: str = "both"  # prefill | decode | both: /v1/prefill, /v1/decode, or every answer endpoint
+    record_trace: str | None = None  # append every answered request to this trace file (ragkv simulate)
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys_file: str | None = None  # None: open access as tenant 'default' (loopback only)
@@ -139,7 +141,8 @@ def build_state(config: ServiceConfig, runtime: RagRuntime | None = None, out: T
                                   abstracts=AbstractsConfig(enabled=config.abstracts,
                                                             threshold=config.abstract_threshold),
                                   max_waiting=config.limits.max_waiting)
-    state = ServiceState(runtime=runtime, registry=registry, limits=config.limits, role=config.role)
+    recorder = TraceRecorder(config.record_trace) if config.record_trace else None
+    state = ServiceState(runtime=runtime, registry=registry, limits=config.limits, role=config.role, recorder=recorder)
     if config.sample and config.role == "both":  # the sample's example request is a /v1/generate
         namespace = OPEN_TENANT if registry.open else SHARED_NAMESPACE
         start = time.perf_counter()
@@ -217,6 +220,8 @@ def serve(config: ServiceConfig, out: TextIO = sys.stdout) -> int:
     finally:
         sock.close()
         runtime.close()
+        if state.recorder is not None:
+            state.recorder.close()
     return 0
 
 

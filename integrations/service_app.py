@@ -59,6 +59,7 @@ from ragkv.integrations.service_models import (
     WarmRequest,
     WarmResponse,
 )
+from ragkv.integrations.sim_trace import TraceRecorder
 from ragkv.integrations.status_page import render_status_page
 from ragkv.integrations.tenants import QuotaCheck, Tenant, TenantRegistry
 from ragkv.kvstore import (
@@ -92,6 +93,7 @@ class ServiceState:
     example: str | None = None
     upload_slots: int = 4  # chunk uploads buffered at once; memory is bounded by this times max_chunk_bytes
     role: str = "both"  # prefill | decode | both: which answer endpoints this server offers (ROLE_ROUTES)
+    recorder: TraceRecorder | None = None  # appends every answered request to a trace (ragkv simulate)
 
 
 def create_app(state: ServiceState) -> FastAPI:
@@ -191,6 +193,10 @@ def create_app(state: ServiceState) -> FastAPI:
                              strategy=body.strategy, strategy_params=body.strategy_params, generation=generation)
 
     def record(answer: Answer, tenant: Tenant, endpoint: str) -> None:
+        if state.recorder is not None:
+            documents = [(d.key, d.tokens) for d in answer.documents if d.key]
+            state.recorder.record(tenant.namespace, documents,
+                                  max(0, answer.prompt_tokens - sum(n for _, n in documents)))
         decode_s = answer.total_s - answer.ttft_s
         rate = (answer.completion_tokens - 1) / decode_s if answer.completion_tokens > 1 and decode_s > 0 else None
         metrics.observe_answer(answer.ttft_s, answer.strategy, [d.hit for d in answer.documents],

@@ -1,0 +1,108 @@
+"""Measure the simulator's costs (``SimCosts``) on this machine, for one model, with the real engine and tiers.
+
+- ``compute_s_per_token``: chunks computed alone (the miss path), seconds per token;
+- ``fixed_s`` and ``prompt_s_per_token``: the default strategy preparing prompts whose chunks all sit in host
+  memory, at several prompt lengths, fitted by least squares (seconds = fixed + per_token * tokens);
+- per slow tier kind of the spec (disk in a temporary folder, Redis at the spec's URL), with the spec's codec:
+  ``store.get`` of stored chunks of two sizes, fitted the same way (latency + seconds per decoded byte);
+- per codec of the spec: the encoded size over the decoded size of the same chunks (``size_ratio``).
+
+The samples are the bundled sample corpus's documents; medians of ``repeats`` runs after one warm-up.
+Why measured here rather than read from the store, TTFT and codec benches' JSON: those benches run other model
+shapes (the TTFT bench a Qwen-0.5B-shaped random model), and the costs are the served model's.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ragkv.integrations.simulator import SimCosts, modelled_tiers
+from ragkv.kvstore import TieredStore
+from ragkv.kvstore.container import encode_entry
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line, both clamped at 0."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    slope = max(slope, 0.0)
+    return max(my - slope * mx, 0.0), slope
+
+
+def _slow_tier_spec(kind: str, config: Any, folder: str) -> str | None:
+    options = f"codec={config.codec}" + "".join(f"&codec.{k}={v}" for k, v in dict(config.codec_params).items())
+    if kind == "disk":
+        return f"disk:{folder}?{options}"
+    if kind == "redis":
+        return f"{config.url}?{options}"
+    return None
+
+
+def measure_costs(engine: Any, spec: str, texts: Sequence[str], repeats: int = 3) -> SimCosts:
+    """``SimCosts`` for ``engine``'s model and the tier kinds of ``spec``, from ``texts`` (at least 4 documents)."""
+    from ragkv.kvstore.config import parse_spec
+    from ragkv.middleware.context import PrepareRequest
+
+    if len(texts) < 4:
+        raise ValueError("measuring costs needs at least 4 sample documents")
+    adapter = engine.adapter
+    token_lists = [engine.cacher.tokens(t) for t in texts]
+    chunks = engine.cacher.compute(token_lists[:4])
+    kv_bytes_per_token = chunks[0].nbytes // chunks[0].num_tokens
+    compute_s = _median_time(lambda: engine.cacher.compute(token_lists[:4]), repeats)
+    compute_s_per_token = compute_s / sum(len(t) for t in token_lists[:4])
+
+    host = type(engine)(adapter, TieredStore("host:1GB"), engine.config)
+    host.warm(list(texts))
+    lengths, seconds = [], []
+    for n in sorted({2, max(2, len(texts) // 2), len(texts)}):
+        request = PrepareRequest(query="What do these documents say?", chunks=list(texts[:n]))
+        lengths.append(float(len(host.assemble(request).input_ids)))
+        seconds.append(_median_time(lambda r=request: host.prepare(r), repeats))
+    fixed_s, prompt_s_per_token = _fit(lengths, seconds)
+
+    load_s_per_byte: dict[str, float] = {"host": 0.0, "device": 0.0}
+    latency: dict[str, float] = {}
+    size_ratio: dict[str, float] = {}
+    configs = parse_spec(spec).tiers
+    small, large = min(chunks, key=lambda c: c.nbytes), max(chunks, key=lambda c: c.nbytes)
+    for tier, config in zip(modelled_tiers(spec), configs):
+        with tempfile.TemporaryDirectory(prefix="ragkv-costs-") as folder:
+            slow = _slow_tier_spec(tier.kind, config, folder)
+            if slow is None:
+                continue
+            store = TieredStore(slow)
+            try:
+                codec = store.tiers[0].codec
+                sizes, times = [], []
+                for i, chunk in enumerate((small, large)):
+                    key = f"simcosts:{tier.kind}{i}"
+                    store.put(key, chunk)
+                    sizes.append(float(chunk.nbytes))
+                    times.append(_median_time(lambda k=key: store.get(k), repeats))
+                    store.delete(key)
+            finally:
+                store.close()
+        latency[tier.kind], load_s_per_byte[tier.kind] = _fit(sizes, times)
+        encoded = sum(len(encode_entry(c, codec)) for c in chunks)
+        size_ratio[tier.codec] = encoded / sum(c.nbytes for c in chunks)
+    return SimCosts(model=str(getattr(adapter, "model_id", None) or "model"), kv_bytes_per_token=kv_bytes_per_token,
+                    fixed_s=fixed_s, prompt_s_per_token=prompt_s_per_token, compute_s_per_token=compute_s_per_token,
+                    load_s_per_byte=load_s_per_byte, load_latency_s=latency, size_ratio=size_ratio)
+
+
+__all__ = ["measure_costs"]
