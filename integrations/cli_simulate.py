@@ -29,20 +29,20 @@ def _sizes(items: Sequence[str] | None, many: bool) -> dict[str, list[int]]:
 def _costs(args: argparse.Namespace) -> SimCosts:
     if args.costs:
         return SimCosts.load(args.costs)
+    from ragkv.integrations.runtime import RagRuntime
     from ragkv.integrations.sample_corpus import load_sample_corpus
     from ragkv.integrations.sim_costs import measure_costs
-    from ragkv.middleware.engine import ContextEngine
 
     print("measuring costs on this machine (use --costs FILE to skip) ...", file=sys.stderr)
-    engine = ContextEngine.open(args.model, store="host:1GB")
-    texts = load_sample_corpus().documents()[:8]
-    costs = measure_costs(engine, args.tiers, texts)
+    with RagRuntime.open("host:1GB", args.model, use_calibration=False) as runtime:
+        costs = measure_costs(runtime, args.tiers, load_sample_corpus().documents()[:8])
     if args.save_costs:
         Path(args.save_costs).write_text(json.dumps(costs.to_dict(), indent=2), encoding="utf-8")
     return costs
 
 
-def _plot(rows: list[dict[str, Any]], grid: dict[str, list[int]], path: str) -> None:
+def plot_sweep(rows: list[dict[str, Any]], grid: dict[str, list[int]], path: str) -> None:
+    """TTFT p50/p99 and hit rates against the first swept tier's size, one line per other sizes."""
     try:
         import matplotlib
     except ImportError:
@@ -84,7 +84,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.plot:
         if not grid:
             raise ConfigError("--plot needs --sweep")
-        _plot(rows, grid, args.plot)
+        plot_sweep(rows, grid, args.plot)
     if args.json:
         print(json.dumps({"costs": costs.to_dict(), "results": rows}, indent=2))
         return 0
@@ -136,4 +136,4 @@ def add_simulate_commands(sub: Any, lazy: Any) -> None:
     zipf.set_defaults(func=lazy("cmd_trace"))
 
 
-__all__ = ["add_simulate_commands", "cmd_simulate", "cmd_trace"]
+__all__ = ["add_simulate_commands", "cmd_simulate", "cmd_trace", "plot_sweep"]

@@ -1,10 +1,13 @@
 """Measure the simulator's costs (``SimCosts``) on this machine, for one model, with the real engine and tiers.
 
 - ``compute_s_per_token``: chunks computed alone (the miss path), seconds per token;
-- ``fixed_s`` and ``prompt_s_per_token``: the default strategy preparing prompts whose chunks all sit in host
-  memory, at several prompt lengths, fitted by least squares (seconds = fixed + per_token * tokens);
+- ``fixed_s`` and ``prompt_s_per_token``: the TTFT of answers (``RagRuntime.answer``, the service's path: the
+  default strategy, the scheduler, the first token) whose chunks all sit in host memory, at several prompt
+  lengths, fitted by least squares (seconds = fixed + per_token * tokens);
 - per slow tier kind of the spec (disk in a temporary folder, Redis at the spec's URL), with the spec's codec:
-  ``store.get`` of stored chunks of two sizes, fitted the same way (latency + seconds per decoded byte);
+  ``store.get`` of stored chunks of two sizes, fitted the same way (latency + seconds per decoded byte), and
+  ``store.put`` of them (seconds per decoded byte, latency spread over the mean size): what storing a miss
+  costs;
 - per codec of the spec: the encoded size over the decoded size of the same chunks (``size_ratio``).
 
 The samples are the bundled sample corpus's documents; medians of ``repeats`` runs after one warm-up.
@@ -52,13 +55,15 @@ def _slow_tier_spec(kind: str, config: Any, folder: str) -> str | None:
     return None
 
 
-def measure_costs(engine: Any, spec: str, texts: Sequence[str], repeats: int = 3) -> SimCosts:
-    """``SimCosts`` for ``engine``'s model and the tier kinds of ``spec``, from ``texts`` (at least 4 documents)."""
+def measure_costs(runtime: Any, spec: str, texts: Sequence[str], repeats: int = 3) -> SimCosts:
+    """``SimCosts`` for ``runtime``'s model (a ``RagRuntime`` over a host-memory store) and the tier kinds of
+    ``spec``, from ``texts`` (at least 4 documents, warmed into the runtime's store)."""
+    from ragkv.integrations.answers import AnswerRequest, Document, GenerationOptions
     from ragkv.kvstore.config import parse_spec
-    from ragkv.middleware.context import PrepareRequest
 
     if len(texts) < 4:
         raise ValueError("measuring costs needs at least 4 sample documents")
+    engine = runtime.engine
     adapter = engine.adapter
     token_lists = [engine.cacher.tokens(t) for t in texts]
     chunks = engine.cacher.compute(token_lists[:4])
@@ -66,17 +71,18 @@ def measure_costs(engine: Any, spec: str, texts: Sequence[str], repeats: int = 3
     compute_s = _median_time(lambda: engine.cacher.compute(token_lists[:4]), repeats)
     compute_s_per_token = compute_s / sum(len(t) for t in token_lists[:4])
 
-    host = type(engine)(adapter, TieredStore("host:1GB"), engine.config)
-    host.warm(list(texts))
+    runtime.warm(list(texts), "default")
     lengths, seconds = [], []
     for n in sorted({2, max(2, len(texts) // 2), len(texts)}):
-        request = PrepareRequest(query="What do these documents say?", chunks=list(texts[:n]))
-        lengths.append(float(len(host.assemble(request).input_ids)))
-        seconds.append(_median_time(lambda r=request: host.prepare(r), repeats))
+        request = AnswerRequest(query="What do these documents say?", documents=[Document(text=t) for t in texts[:n]],
+                                generation=GenerationOptions(max_new_tokens=1))
+        lengths.append(float(runtime.answer(request).prompt_tokens))  # also the warm-up
+        seconds.append(statistics.median(runtime.answer(request).ttft_s for _ in range(repeats)))
     fixed_s, prompt_s_per_token = _fit(lengths, seconds)
 
     load_s_per_byte: dict[str, float] = {"host": 0.0, "device": 0.0}
     latency: dict[str, float] = {}
+    write_s_per_byte: dict[str, float] = {}
     size_ratio: dict[str, float] = {}
     configs = parse_spec(spec).tiers
     small, large = min(chunks, key=lambda c: c.nbytes), max(chunks, key=lambda c: c.nbytes)
@@ -88,21 +94,24 @@ def measure_costs(engine: Any, spec: str, texts: Sequence[str], repeats: int = 3
             store = TieredStore(slow)
             try:
                 codec = store.tiers[0].codec
-                sizes, times = [], []
+                sizes, reads, writes = [], [], []
                 for i, chunk in enumerate((small, large)):
                     key = f"simcosts:{tier.kind}{i}"
-                    store.put(key, chunk)
+                    writes.append(_median_time(lambda k=key, c=chunk: store.put(k, c), repeats))
                     sizes.append(float(chunk.nbytes))
-                    times.append(_median_time(lambda k=key: store.get(k), repeats))
+                    reads.append(_median_time(lambda k=key: store.get(k), repeats))
                     store.delete(key)
             finally:
                 store.close()
-        latency[tier.kind], load_s_per_byte[tier.kind] = _fit(sizes, times)
+        latency[tier.kind], load_s_per_byte[tier.kind] = _fit(sizes, reads)
+        write_latency, write_per_byte = _fit(sizes, writes)
+        write_s_per_byte[tier.kind] = write_per_byte + write_latency / statistics.fmean(sizes)
         encoded = sum(len(encode_entry(c, codec)) for c in chunks)
         size_ratio[tier.codec] = encoded / sum(c.nbytes for c in chunks)
     return SimCosts(model=str(getattr(adapter, "model_id", None) or "model"), kv_bytes_per_token=kv_bytes_per_token,
                     fixed_s=fixed_s, prompt_s_per_token=prompt_s_per_token, compute_s_per_token=compute_s_per_token,
-                    load_s_per_byte=load_s_per_byte, load_latency_s=latency, size_ratio=size_ratio)
+                    load_s_per_byte=load_s_per_byte, load_latency_s=latency, size_ratio=size_ratio,
+                    write_s_per_byte=write_s_per_byte)
 
 
 __all__ = ["measure_costs"]

@@ -2,9 +2,11 @@
 modelled tiers, and estimate hit rates, bytes moved and TTFT for a tier configuration ("how big should each
 tier be?").
 
-Modelled tiers: every tier of the spec becomes a host-memory tier (``HostTier``) with the spec's eviction
-policy and a capacity in *decoded* bytes = the tier's capacity / its codec's size ratio, inside a real
-``TieredStore`` (write-through to every tier, promotion into faster tiers on a hit, fair LRU eviction). The
+Modelled tiers: every tier of the spec becomes a host-memory tier (``HostTier``) with a capacity in *decoded*
+bytes = the tier's capacity / its codec's size ratio, inside a real ``TieredStore`` (its write-through to every
+tier, its ``promote`` into faster tiers, the tiers' fair LRU eviction). Each request is replayed in the
+engine's order: every chunk is looked up first (a first-tier hit refreshes its place), then the chunks read
+from slower tiers are promoted, then the missing ones are stored. The
 chunks put there are zero-copy stand-ins: an expanded one-element tensor whose declared size is the chunk's
 decoded KV size, so no bytes are allocated or moved. A Redis tier has no capacity unless one is given (the
 real one evicts by Redis's own policy; here by LRU).
@@ -13,7 +15,7 @@ TTFT of a request (no queueing: requests are replayed one at a time):
 ``fixed + max(prompt_tokens * prompt_s_per_token, loads) + missing_tokens * compute_s_per_token``, where
 ``loads`` sums, over the chunks found in a slow tier, that tier's latency plus its decoded bytes times its
 seconds per byte (loading overlaps the prompt's pass layer by layer, so the larger of the two counts), and
-missing chunks are computed alone before the pass. The costs come from ``SimCosts`` measured on this machine
+missing chunks are computed alone and written to every tier before the pass (``write_s_per_byte``). The costs come from ``SimCosts`` measured on this machine
 for one model (``ragkv.integrations.sim_costs``).
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ from ragkv.kvstore import ChunkKV, ChunkMeta, ConfigError, TieredStore
 from ragkv.kvstore.config import parse_spec
 from ragkv.kvstore.tiers import HostConfig, HostTier, TierConfig, tier_class, tier_kinds
 
-_STAND_IN = torch.zeros(1, dtype=torch.float64)  # every stand-in chunk is a view of this one element
+_STAND_IN = torch.zeros(1, dtype=torch.float64)
+DECODED_KINDS = ("host", "device")  # tiers holding decoded tensors; the others hold encoded blobs  # every stand-in chunk is a view of this one element
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class SimCosts:
     load_s_per_byte: dict[str, float]  # per tier kind, reading and decoding a chunk
     load_latency_s: dict[str, float] = field(default_factory=dict)  # per tier kind, per chunk read
     size_ratio: dict[str, float] = field(default_factory=dict)  # per codec: encoded / decoded bytes (default 1)
+    write_s_per_byte: dict[str, float] = field(default_factory=dict)  # per tier kind, storing a computed miss
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -59,7 +63,8 @@ class SimCosts:
         except TypeError as exc:
             raise ConfigError(f"not a costs file: {exc}") from None
         numbers = [costs.kv_bytes_per_token, costs.fixed_s, costs.prompt_s_per_token, costs.compute_s_per_token,
-                   *costs.load_s_per_byte.values(), *costs.load_latency_s.values(), *costs.size_ratio.values()]
+                   *costs.load_s_per_byte.values(), *costs.load_latency_s.values(), *costs.size_ratio.values(),
+                   *costs.write_s_per_byte.values()]
         if not all(type(x) in (int, float) and 0 <= x < 1e12 for x in numbers) or costs.kv_bytes_per_token < 1:
             raise ConfigError("costs must be non-negative numbers (and kv_bytes_per_token >= 1)")
         return costs
@@ -136,6 +141,9 @@ class Simulator:
         self.costs = costs
 
     def _ratio(self, tier: ModelledTier) -> float:
+        """Encoded over decoded bytes in ``tier`` (host and device tiers hold decoded tensors: 1)."""
+        if tier.kind in DECODED_KINDS:
+            return 1.0
         return self.costs.size_ratio.get(tier.codec, 1.0) or 1.0
 
     def _store(self) -> TieredStore:
@@ -158,27 +166,37 @@ class Simulator:
             for request in trace:
                 loads = computed = 0.0
                 prompt_tokens = request.query_tokens
-                for chunk_id, tokens in request.chunks:
+                slow_hits, missing = [], []
+                for chunk_id, tokens in request.chunks:  # as the engine's loader: every chunk read first
                     prompt_tokens += tokens
                     key = store_key(request, chunk_id)
                     decoded = tokens * c.kv_bytes_per_token
                     result.lookups += 1
                     name = store.locate(key)
-                    found = store.get(key) if name is not None else None  # promotes, refreshes LRU
-                    if found is None:
+                    if name is None:
                         result.misses += 1
-                        computed += tokens * c.compute_s_per_token
-                        store.put(key, self._stand_in(tokens))
-                        for i, t in enumerate(self.tiers):
-                            result.bytes_written[i] += int(decoded * self._ratio(t))
+                        computed += tokens * c.compute_s_per_token + sum(
+                            decoded * c.write_s_per_byte.get(t.kind, 0.0) for t in self.tiers)
+                        missing.append((key, tokens))
                         continue
                     i = store.names.index(name)
                     result.hits[i] += 1
                     result.bytes_read[i] += int(decoded * self._ratio(self.tiers[i]))
+                    if i == 0:
+                        store.get(key)  # refreshes its place in the first tier's eviction order
+                        continue
+                    slow_hits.append((key, store.tiers[i].get(key), name))
                     for j in range(i):  # promoted into every faster tier
                         result.bytes_written[j] += int(decoded * self._ratio(self.tiers[j]))
                     kind = self.tiers[i].kind
                     loads += c.load_latency_s.get(kind, 0.0) + decoded * c.load_s_per_byte.get(kind, 0.0)
+                for key, chunk, name in slow_hits:  # then chunks read from slow tiers are promoted
+                    if chunk is not None:
+                        store.promote(key, chunk, name)
+                for key, tokens in missing:  # and the missing ones, computed, are stored
+                    store.put(key, self._stand_in(tokens))
+                    for i, t in enumerate(self.tiers):
+                        result.bytes_written[i] += int(tokens * c.kv_bytes_per_token * self._ratio(t))
                 result.ttft_s.append(c.fixed_s + max(prompt_tokens * c.prompt_s_per_token, loads) + computed)
         finally:
             store.close()

@@ -104,15 +104,14 @@ def test_sweep_and_the_command_line(tmp_path: Path, capsys: Any) -> None:
 
 
 def test_costs_measured_with_the_real_engine(tmp_path: Path, tiny_loaded: Any) -> None:
-    from ragkv.integrations.models import make_adapter
+    from ragkv.integrations.runtime import RagRuntime
     from ragkv.integrations.sim_costs import measure_costs
     from ragkv.kvstore import TieredStore
-    from ragkv.middleware.engine import ContextEngine
 
-    engine = ContextEngine(make_adapter(tiny_loaded), TieredStore("host:64MB"))
     texts = [" ".join(f"k{(i * 3 + j) % 64} v{j}" for j in range(10 + 4 * i)) for i in range(4)]
-    costs = measure_costs(engine, f"host:1GB,disk:{tmp_path}:1GB?codec=zstd", texts, repeats=1)
-    a = engine.adapter
+    with RagRuntime(tiny_loaded, TieredStore("host:64MB"), own_store=True, use_calibration=False) as runtime:
+        costs = measure_costs(runtime, f"host:1GB,disk:{tmp_path}:1GB?codec=zstd", texts, repeats=1)
+        a = runtime.adapter
     assert costs.kv_bytes_per_token == a.num_layers * 2 * a.num_kv_heads * a.head_dim * 4
     assert costs.compute_s_per_token > 0 and costs.prompt_s_per_token + costs.fixed_s > 0
     assert costs.load_s_per_byte["disk"] + costs.load_latency_s["disk"] > 0
