@@ -130,3 +130,32 @@ def test_the_recorder_writes_a_readable_trace(tmp_path: Path) -> None:
     trace = read_trace(tmp_path / "rec.jsonl")
     assert [(r.t, r.namespace, r.chunks) for r in trace] == [
         (0.5, "alice", (("alice:ab12", 40), ("shared:cd34", 60))), (2.0, "bob", (("bob:ef56", 7),))]
+
+
+def test_the_replay_matches_a_real_run_request_by_request(tmp_path: Path, tiny_loaded: Any) -> None:
+    from ragkv.integrations.answers import AnswerRequest, Document, GenerationOptions
+    from ragkv.integrations.runtime import RagRuntime
+    from ragkv.kvstore import TieredStore
+
+    texts = [" ".join(f"k{(7 * i + j) % 64} v{(3 * i + 5 * j) % 64} ;" for j in range(6 + i % 3)) for i in range(12)]
+    with RagRuntime(tiny_loaded, TieredStore("host:64MB"), own_store=True, use_calibration=False) as probe:
+        sizes = [len(probe.chunk_tokens(t)) for t in texts]
+        per_token = probe.chunk_bytes(1)
+    spec = f"host:{3 * max(sizes) * per_token},disk:{tmp_path}/disk:{7 * max(sizes) * per_token + 50_000}"
+    trace = zipf_trace(20, 12, per_request=4, seed=5, sizes=sizes)
+    costs = SimCosts(model="tiny", kv_bytes_per_token=per_token, fixed_s=0.0, prompt_s_per_token=0.0,
+                     compute_s_per_token=0.0, load_s_per_byte={}, size_ratio={"raw": 1.0})
+    real: list[tuple[int, int, int]] = []
+    with RagRuntime(tiny_loaded, TieredStore(spec), own_store=True, use_calibration=False) as runtime:
+        for request in trace:
+            answer = runtime.answer(AnswerRequest(query="Q k1 ?", generation=GenerationOptions(max_new_tokens=1),
+                                                  documents=[Document(text=texts[int(c[1:])]) for c, _ in request.chunks]))
+            tiers = [d.tier if d.hit else None for d in answer.documents]
+            real.append((tiers.count("host"), tiers.count("disk"), tiers.count(None)))
+    simulated = []
+    for k in range(1, len(trace) + 1):
+        result = Simulator(modelled_tiers(spec), costs).run(trace[:k])
+        simulated.append((result.hits[0], result.hits[1], result.misses))
+    deltas = [tuple(b - a for a, b in zip((0, 0, 0) if k == 0 else simulated[k - 1], s))
+              for k, s in enumerate(simulated)]
+    assert deltas == real and sum(r[1] for r in real) > 0 and sum(r[0] for r in real) > 0
