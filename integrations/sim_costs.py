@@ -1,9 +1,10 @@
 """Measure the simulator's costs (``SimCosts``) on this machine, for one model, with the real engine and tiers.
 
-- ``compute_s_per_token``: chunks computed alone (the miss path), seconds per token;
 - ``fixed_s`` and ``prompt_s_per_token``: the TTFT of answers (``RagRuntime.answer``, the service's path: the
   default strategy, the scheduler, the first token) whose chunks all sit in host memory, at several prompt
   lengths, fitted by least squares (seconds = fixed + per_token * tokens);
+- ``compute_s_per_token``: what missing documents add to such answers' TTFT (computed alone, their importance,
+  stored in host memory), per missing token;
 - per slow tier kind of the spec (disk in a temporary folder, Redis at the spec's URL), with the spec's codec:
   ``store.get`` of stored chunks of two sizes, fitted the same way (latency + seconds per decoded byte), and
   ``store.put`` of them (seconds per decoded byte, latency spread over the mean size): what storing a miss
@@ -65,20 +66,31 @@ def measure_costs(runtime: Any, spec: str, texts: Sequence[str], repeats: int = 
         raise ValueError("measuring costs needs at least 4 sample documents")
     engine = runtime.engine
     adapter = engine.adapter
-    token_lists = [engine.cacher.tokens(t) for t in texts]
-    chunks = engine.cacher.compute(token_lists[:4])
+    chunks = engine.cacher.compute([engine.cacher.tokens(t) for t in texts[:4]])
     kv_bytes_per_token = chunks[0].nbytes // chunks[0].num_tokens
-    compute_s = _median_time(lambda: engine.cacher.compute(token_lists[:4]), repeats)
-    compute_s_per_token = compute_s / sum(len(t) for t in token_lists[:4])
+
+    def ask(documents: Sequence[str]) -> Any:
+        return runtime.answer(AnswerRequest(query="What do these documents say?",
+                                            documents=[Document(text=t) for t in documents],
+                                            generation=GenerationOptions(max_new_tokens=1)))
 
     runtime.warm(list(texts), "default")
     lengths, seconds = [], []
     for n in sorted({2, max(2, len(texts) // 2), len(texts)}):
-        request = AnswerRequest(query="What do these documents say?", documents=[Document(text=t) for t in texts[:n]],
-                                generation=GenerationOptions(max_new_tokens=1))
-        lengths.append(float(runtime.answer(request).prompt_tokens))  # also the warm-up
-        seconds.append(statistics.median(runtime.answer(request).ttft_s for _ in range(repeats)))
+        lengths.append(float(ask(texts[:n]).prompt_tokens))  # also the warm-up
+        seconds.append(statistics.median(ask(texts[:n]).ttft_s for _ in range(repeats)))
     fixed_s, prompt_s_per_token = _fit(lengths, seconds)
+
+    # a miss, as the answer path pays it (computed alone, with its importance, stored in host memory): the TTFT
+    # above the all-hit line, per missing token; the documents are made new by a numbered ending
+    missing_s, missing_tokens = 0.0, 0
+    for r in range(max(2, repeats)):
+        for k in (1, 2):
+            documents = [f"{t} (note {r}-{k}-{i})" if i < k else t for i, t in enumerate(texts[:4])]
+            answer = ask(documents)
+            missing_s += answer.ttft_s - (fixed_s + prompt_s_per_token * answer.prompt_tokens)
+            missing_tokens += sum(d.tokens for d in answer.documents if not d.hit)
+    compute_s_per_token = max(missing_s, 0.0) / max(missing_tokens, 1)
 
     load_s_per_byte: dict[str, float] = {"host": 0.0, "device": 0.0}
     latency: dict[str, float] = {}
