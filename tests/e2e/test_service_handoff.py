@@ -40,3 +40,20 @@ def test_a_handoff_must_fit_the_tenants_quota(service: Any) -> None:
     with service.client("small") as small:
         response = small.post("/v1/prefill", json={"query": "Q k1 ?", "documents": long_documents})
     assert response.status_code == 413 and "exceed" in response.json()["detail"]
+
+
+def test_roles_leave_out_their_routes(service: Any) -> None:
+    import pytest
+
+    from ragkv.integrations.service_app import ServiceState, create_app
+    from ragkv.kvstore import ConfigError
+
+    def paths(role: str) -> set[str]:
+        state = ServiceState(runtime=service.state.runtime, registry=service.state.registry, role=role)
+        return set(create_app(state).openapi()["paths"])
+
+    assert {"/v1/prefill", "/v1/decode", "/v1/generate"} <= paths("both")
+    assert "/v1/prefill" in paths("prefill") and not {"/v1/decode", "/v1/generate"} & paths("prefill")
+    assert "/v1/decode" in paths("decode") and not {"/v1/prefill", "/v1/warm", "/v1/generate"} & paths("decode")
+    with pytest.raises(ConfigError):
+        create_app(ServiceState(runtime=service.state.runtime, registry=service.state.registry, role="bogus"))

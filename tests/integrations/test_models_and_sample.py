@@ -110,5 +110,8 @@ def test_serving_options_parse() -> None:
                                       "--abstracts", "--abstract-threshold", "2.5"])
     assert (args.device, args.dtype, args.near_duplicates) == ("cpu", "bfloat16", True)
     assert (args.abstracts, args.abstract_threshold) == (True, 2.5)
+    roles = build_parser().parse_args(["serve", "--role", "decode", "--record-trace", "t.jsonl"])
+    assert (roles.role, roles.record_trace) == ("decode", "t.jsonl")
     defaults = build_parser().parse_args(["serve"])
     assert (defaults.device, defaults.near_duplicates, defaults.abstracts) == ("auto", False, False)
+    assert (defaults.role, defaults.record_trace) == ("both", None)
