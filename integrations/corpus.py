@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from ragkv.kvstore.errors import ConfigError
 
@@ -33,24 +33,29 @@ def split_text(text: str, split: str = "paragraph") -> list[str]:
     return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
 
 
-def _jsonl_chunks(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL file; ``ConfigError`` naming a line that is not JSON."""
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: not JSON ({exc.msg})") from exc
-            if isinstance(record, str):
-                yield record
-            elif isinstance(record, dict) and isinstance(record.get("chunks"), list):
-                yield from (str(c) for c in record["chunks"])
-            elif isinstance(record, dict) and isinstance(record.get(text_field), str):
-                yield record[text_field]
-            else:
-                raise ConfigError(f"{path}:{number}: expected a string, an object with '{text_field}', or an "
-                                  f"object with a 'chunks' list")
+                raise ConfigError(f"{path}:{number}: not JSON (line {number}: {exc.msg})") from None
+
+
+def _jsonl_chunks(path: Path, text_field: str) -> Iterator[str]:
+    for number, record in json_lines(path):
+        if isinstance(record, str):
+            yield record
+        elif isinstance(record, dict) and isinstance(record.get("chunks"), list):
+            yield from (str(c) for c in record["chunks"])
+        elif isinstance(record, dict) and isinstance(record.get(text_field), str):
+            yield record[text_field]
+        else:
+            raise ConfigError(f"{path}:{number}: expected a string, an object with '{text_field}', or an "
+                              f"object with a 'chunks' list")
 
 
 def read_corpus(path: str | Path, *, split: str = "paragraph", text_field: str = "text") -> list[str]:

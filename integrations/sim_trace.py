@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ragkv.integrations.corpus import json_lines
 from ragkv.kvstore import ConfigError
 from ragkv.kvstore.chunk import check_key, check_namespace
 
@@ -84,16 +85,7 @@ def store_key(request: TraceRequest, chunk_id: str) -> str:
 
 def read_trace(path: str | Path) -> list[TraceRequest]:
     """A trace file's requests, sorted by arrival."""
-    requests = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"trace line {i}: not JSON ({exc.msg})") from None
-            requests.append(_request_from(value, i))
+    requests = [_request_from(value, number) for number, value in json_lines(path)]
     if not requests:
         raise ConfigError(f"{path}: the trace holds no request")
     return sorted(requests, key=lambda r: r.t)

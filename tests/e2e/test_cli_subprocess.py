@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shlex
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
-from serve_process import ragkv_command, stop
+from serve_process import line_queue, lines_until, ragkv_command, stop
 
 from ragkv.integrations.cli import main as cli_main
 
@@ -32,35 +29,15 @@ def _env(cache: Path) -> dict[str, str]:
     return env
 
 
-def _lines(stream: IO[str]) -> queue.Queue[str | None]:
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in stream:
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     cache = tmp_path_factory.mktemp("serve-cache")
     proc = subprocess.Popen([*ragkv_command(), "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=_env(cache))
-    lines = _lines(proc.stdout)  # type: ignore[arg-type]
     seen: list[str] = []
     info: dict[str, Any] = {"proc": proc, "output": seen, "cache": cache}
-    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
+        for line in lines_until(line_queue(proc.stdout), START_TIMEOUT_S):  # type: ignore[arg-type]
             seen.append(line)
             if "is serving on" in line:
                 info["url"] = line.split("is serving on ", 1)[1].split()[0]

@@ -3,10 +3,7 @@ decode side's greedy answer equals a single process's."""
 from __future__ import annotations
 
 import os
-import queue
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_process import ragkv_command, stop
+from serve_process import line_queue, lines_until, ragkv_command, stop
 
 START_TIMEOUT_S = 120
 QUERY = "Q k5 ?"
@@ -28,24 +25,9 @@ def _serve(role: str, store: str, cache: Path) -> Iterator[str]:
     proc = subprocess.Popen([*ragkv_command(), "serve", "--model", "toy", "--store", store, "--role", role,
                              "--port", "0", "--no-sample"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
+        for line in lines_until(line_queue(proc.stdout), START_TIMEOUT_S):  # type: ignore[arg-type]
             seen.append(line)
             if "is serving on" in line:
                 yield line.split("is serving on ", 1)[1].split()[0]
