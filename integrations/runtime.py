@@ -251,14 +251,13 @@ class RagRuntime:
                                                    cached_fraction=self.cached_fraction(checked.prepare))
         return published[0], answer_from(result, prepared, len(prepared.input_ids))
 
-    def decode(self, handle: str, namespace: str, generation: GenerationOptions,
-               on_token: TokenCallback | None = None) -> Answer:
+    def decode(self, handle: str, namespace: str, generation: GenerationOptions) -> Answer:
         """Decode from a context another process published under ``handle``, which must be in ``namespace``
         (the caller's own: hand-offs are never shared). The entry is used once."""
         if key_namespace(check_key(handle)) != namespace:
             raise Forbidden("a hand-off can only be resumed by the tenant that published it")
         result, prepared = self.scheduler.generate(lambda: self.engine.resume(handle), generation.to_config(),
-                                                   on_token=_text_pieces(on_token), cached_fraction=1.0)
+                                                   cached_fraction=1.0)
         return answer_from(result, prepared, len(prepared.input_ids))
 
     def answer(self, request: AnswerRequest, on_token: TokenCallback | None = None) -> Answer:
