@@ -21,6 +21,7 @@ for one model (``ragkv.integrations.sim_costs``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import statistics
 from collections.abc import Sequence
@@ -206,8 +207,6 @@ class Simulator:
 def sweep(trace: Sequence[TraceRequest], spec: str, costs: SimCosts, grid: dict[str, Sequence[int]]
           ) -> list[dict[str, Any]]:
     """One simulation per combination of tier sizes in ``grid`` (tier kind -> capacities in bytes)."""
-    import itertools
-
     kinds = list(grid)
     rows = []
     for sizes in itertools.product(*(grid[k] for k in kinds)):

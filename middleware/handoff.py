@@ -6,7 +6,8 @@ another tenant can neither read nor take it), with a TTL (600 s by default). The
 prompt token but the last; the last token's id goes in the header. ``resume(engine, key)`` reads it back (a
 miss is ``HandoffMissing``; another model's entry is ``ModelMismatch``), rebuilds the cache and runs the last
 prompt token through the model as its first decode step: that gives the logits the first token is sampled
-from, so no logits travel. The entry is deleted once read (a handle is used once).
+from, so no logits travel. The entry is deleted once this process has checked it can resume it (a handle is
+used once; two resumes racing on one handle can both read it: the store has no atomic get-and-delete).
 
 Why the last token is recomputed rather than its logits stored: the logits are a vocabulary-sized float vector
 (196 KB for SmolLM2) that no chunk container holds, while the last token's row is one decode step that the
@@ -93,7 +94,6 @@ def resume(engine: Any, key: str) -> PreparedContext:
     chunk = engine.store.get(key)
     if chunk is None:
         raise HandoffMissing(f"no hand-off under {key}: never published, already resumed, expired or evicted")
-    engine.store.delete(key)
     fetched = time.perf_counter()
     meta = chunk.meta
     if meta.fingerprint != str(adapter.fingerprint):
@@ -105,6 +105,7 @@ def resume(engine: Any, key: str) -> PreparedContext:
         raise CorruptEntry(f"{key} is not a hand-off entry this version can resume")
     length = chunk.num_tokens
     adapter.check_length(length + 1)
+    engine.store.delete(key)  # only once this process can resume it: a mis-routed resume leaves it for the right one
     cache = adapter.make_cache(chunk.kv.to(adapter.device, adapter.dtype)[:, :, None])
     out = adapter.model(input_ids=torch.tensor([[last]], device=adapter.device), cache=cache,
                         position_ids=torch.tensor([[length]], device=adapter.device), use_cache=True)

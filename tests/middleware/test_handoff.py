@@ -64,6 +64,7 @@ def test_refusals(adapter: ModelAdapter, make_words: Any, word_tokenizer: Any, m
     handoff = engine.publish(engine.prepare(_request(make_words), "reuse"), "alice")
     with pytest.raises(ModelMismatch):
         other.resume(handoff)
+    assert engine.resume(handoff).input_ids  # a mis-routed resume left it for the right model
     handoff = engine.publish(engine.prepare(_request(make_words), "reuse"), "alice")
     chunk = store.get(handoff.key)
     store.put(handoff.key, ChunkKV(chunk.kv, replace(chunk.meta, extra={**chunk.meta.extra, "last_token": -1})))
