@@ -42,7 +42,7 @@ import torch
 
 from ragkv.codecs import get_codec
 from ragkv.kvstore.container import decode_entry, encode_entry
-from ragkv.kvstore.errors import ConfigError, CorruptEntry, RagKVError
+from ragkv.kvstore.errors import ConfigError, RagKVError
 from ragkv.middleware.abstracts import ChunkAbstract, abstract_key
 from ragkv.middleware.adapter import ModelAdapter
 from ragkv.middleware.assembly import AssembledPrompt
@@ -145,7 +145,7 @@ class ChunkAbstracts:
             if chunk.meta.fingerprint != str(self.adapter.fingerprint):
                 return None
             abstract = ChunkAbstract.from_chunk(chunk)
-        except (RagKVError, CorruptEntry) as exc:
+        except RagKVError as exc:  # CorruptEntry and ConfigError included
             log.debug("abstract of %s unusable: %s", key, exc)
             return None
         a = self.adapter

@@ -7,8 +7,8 @@ computed at position 1 (behind the start token), so placing it at ``start`` rota
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,6 +44,16 @@ class AssembledPrompt:
     @property
     def input_ids(self) -> list[int]:
         return [t for s in self.segments for t in s.token_ids]
+
+    def without_chunks(self, indices: Collection[int]) -> AssembledPrompt:
+        """This prompt with the chunks of ``indices`` left out; the others keep their index and key, moved up."""
+        segments, pos = [], 0
+        for s in self.segments:
+            if s.kind == CHUNK and s.index in indices:
+                continue
+            segments.append(replace(s, start=pos))
+            pos += s.length
+        return AssembledPrompt(tuple(segments))
 
     @property
     def length(self) -> int:

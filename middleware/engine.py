@@ -266,7 +266,7 @@ class ContextEngine:
         self.near_duplicates.observe(key, chunk.meta.token_ids)
         self.abstracts.write(key, chunk.kv, chunk.meta.position)
 
-    def leave_out(self, prompt: AssembledPrompt, request: PrepareRequest, prefix_kv: torch.Tensor,
+    def leave_out(self, prompt: AssembledPrompt, prefix_kv: torch.Tensor,
                   exempt: Iterable[int] = ()) -> tuple[AssembledPrompt, list[ChunkInfo], dict[int, float], float]:
         """The prompt without the chunks their abstracts leave out (``ragkv.middleware.abstract_selection``; never
         those in ``exempt``), the left-out chunks' infos, every scored chunk's gap, and the seconds it took."""
@@ -277,9 +277,7 @@ class ContextEngine:
         infos = [ChunkInfo(index=s.index, key=s.key or "", num_tokens=s.length, position=-1, hit=False,
                            source="skipped", abstract_gap=choice.gaps[s.index])
                  for s in prompt.chunks if s.index in skipped]
-        if skipped:
-            prompt = self.assemble(request, chunk_indices=[s.index for s in prompt.chunks if s.index not in skipped])
-        return prompt, infos, choice.gaps, choice.seconds
+        return prompt.without_chunks(skipped), infos, choice.gaps, choice.seconds
 
     def _near_duplicates(self, misses: Sequence[int], token_lists: Sequence[Sequence[int]],
                          request: PrepareRequest) -> dict[int, NearDuplicateHit]:

@@ -163,7 +163,7 @@ class CachedChunksStrategy(Strategy):
         left_out: list[ChunkInfo] = []
         gaps: dict[int, float] = {}
         if not given:
-            prompt, left_out, gaps, seconds = engine.leave_out(prompt, request, prefix_kv, exempt=skip)
+            prompt, left_out, gaps, seconds = engine.leave_out(prompt, prefix_kv, exempt=skip)
             if gaps:
                 timings["abstracts"] = seconds
         loaded, infos = engine.fetch_chunks(prompt, request, skip=skip, sources=sources)
